@@ -1,0 +1,147 @@
+"""Schedules: plain functions ``step -> value`` for sparsity, bit-widths, cluster counts.
+
+Any callable ``step -> value`` is a schedule here, optax schedules included. The factories below
+return jit-able functions of an integer step (Python int or traced scalar array) that also accept
+arrays of steps elementwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+Schedule = Callable[[Any], Any]
+ScalarOrSchedule = float | Schedule
+
+
+def constant(value: float) -> Schedule:
+    """``step -> value`` for every step."""
+    value = float(value)
+    return lambda step: jnp.full(jnp.shape(step), value, dtype=jnp.float32)
+
+
+def one_shot(step: int, value: float) -> Schedule:
+    """``0`` before ``step``, ``value`` from ``step`` on (one-shot pruning at a given step).
+
+    Raises:
+      ValueError: ``step < 0``.
+    """
+    if int(step) != step or step < 0:
+        raise ValueError(f"mixjax.schedules.one_shot: step must be an integer >= 0, got {step!r}")
+    at, value = int(step), float(value)
+    return lambda t: jnp.where(jnp.asarray(t) >= at, value, 0.0).astype(jnp.float32)
+
+
+def polynomial(
+    initial: float,
+    final: float,
+    begin_step: int,
+    end_step: int,
+    power: float = 3.0,
+    frequency: int = 1,
+) -> Schedule:
+    """Zhu & Gupta (2017) gradual schedule.
+
+    ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt))**power`` for ``t0 <= t <= t0 + n*dt``,
+    where ``t0 = begin_step``, ``n * dt = end_step - begin_step`` and ``t`` is rounded down to a
+    multiple of ``frequency`` steps after ``t0`` (the value changes only every ``frequency``
+    steps). Before ``begin_step`` the value is ``initial``; after ``end_step``, ``final``.
+
+    Raises:
+      ValueError: ``end_step <= begin_step``, ``begin_step < 0``, ``frequency < 1`` or
+        ``power <= 0``.
+    """
+    name = "mixjax.schedules.polynomial"
+    if begin_step < 0 or int(begin_step) != begin_step:
+        raise ValueError(f"{name}: begin_step must be an integer >= 0, got {begin_step!r}")
+    if end_step <= begin_step or int(end_step) != end_step:
+        raise ValueError(
+            f"{name}: end_step must be an integer > begin_step={begin_step}, got {end_step!r}"
+        )
+    if frequency < 1 or int(frequency) != frequency:
+        raise ValueError(f"{name}: frequency must be an integer >= 1, got {frequency!r}")
+    if power <= 0:
+        raise ValueError(f"{name}: power must be > 0, got {power!r}")
+    initial, final, power = float(initial), float(final), float(power)
+    t0, span, freq = int(begin_step), int(end_step - begin_step), int(frequency)
+
+    def schedule(step):
+        t = jnp.clip(jnp.asarray(step) - t0, 0, span)
+        t = (t // freq) * freq
+        progress = t.astype(jnp.float32) / span
+        return (final + (initial - final) * (1.0 - progress) ** power).astype(jnp.float32)
+
+    return schedule
+
+
+def as_schedule(value: ScalarOrSchedule) -> Schedule:
+    """A float becomes :func:`constant`; a callable is returned as is."""
+    if callable(value):
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"expected a float or a schedule (step -> value), got {value!r}")
+    return constant(float(value))
+
+
+# Steps at which user schedules are probed eagerly: dense early on, where ramps usually start,
+# then geometric up to 10 million steps.
+_PROBE_STEPS = np.unique(
+    np.concatenate([np.arange(0, 2048), np.geomspace(2048, 10_000_000, 256).astype(np.int64)])
+)
+
+
+def check_range(
+    fn_name: str,
+    arg: str,
+    value: ScalarOrSchedule,
+    low: float,
+    high: float,
+    *,
+    high_inclusive: bool = False,
+) -> Schedule:
+    """Validates a float or schedule eagerly: every value must lie in ``[low, high)``.
+
+    A schedule is evaluated at steps 0..2047 and on a geometric grid up to 10^7 (vectorized where
+    it accepts an array of steps), outside any trace, so a bad schedule fails when the transform
+    is built rather than silently producing garbage inside ``jit``.
+
+    Returns:
+      The value as a schedule.
+
+    Raises:
+      ValueError: a value (at the first offending step, for schedules) is outside the range.
+      TypeError: ``value`` is neither a number nor a callable.
+    """
+    interval = f"[{low}, {high}]" if high_inclusive else f"[{low}, {high})"
+
+    def bad(v):
+        return not (low <= v <= high if high_inclusive else low <= v < high) or not np.isfinite(v)
+
+    try:
+        schedule = as_schedule(value)
+    except TypeError as err:
+        raise TypeError(f"{fn_name}: {arg}= {err}") from None
+    if not callable(value):
+        if bad(float(value)):
+            raise ValueError(f"{fn_name}: {arg} must be in {interval}, got {arg}={value!r}")
+        return schedule
+    try:
+        values = np.asarray(schedule(jnp.asarray(_PROBE_STEPS)), dtype=np.float64)
+        if values.shape != _PROBE_STEPS.shape:
+            raise TypeError("not elementwise")
+    except Exception:  # noqa: BLE001 - a schedule with Python control flow: probe step by step
+        values = np.asarray([float(schedule(int(s))) for s in _PROBE_STEPS[:2048:8]])
+        steps = _PROBE_STEPS[:2048:8]
+    else:
+        steps = _PROBE_STEPS
+    offending = [i for i, v in enumerate(values) if bad(v)]
+    if offending:
+        i = offending[0]
+        raise ValueError(
+            f"{fn_name}: {arg} schedule values must be in {interval}, "
+            f"got {arg}({int(steps[i])})={float(values[i])}"
+        )
+    return schedule
