@@ -1,6 +1,6 @@
 """mixjax: composable, jit-able compression transforms and training wrappers for JAX and Flax."""
 
-from mixjax import data, models, prune, schedules, select
+from mixjax import data, delay, models, prune, schedules, select
 from mixjax.core import (
     ConstrainedState,
     EmptyState,
@@ -21,6 +21,7 @@ __all__ = [
     "apply_updates",
     "chain",
     "data",
+    "delay",
     "identity",
     "models",
     "prune",
