@@ -1,6 +1,6 @@
 """mixjax: composable, jit-able compression transforms and training wrappers for JAX and Flax."""
 
-from mixjax import data, delay, models, prune, schedules, select
+from mixjax import augment, data, delay, models, prune, schedules, select
 from mixjax.core import (
     ConstrainedState,
     EmptyState,
@@ -19,6 +19,7 @@ __all__ = [
     "EmptyState",
     "ParamTransform",
     "apply_updates",
+    "augment",
     "chain",
     "data",
     "delay",
