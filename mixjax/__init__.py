@@ -1,6 +1,18 @@
 """mixjax: composable, jit-able compression transforms and training wrappers for JAX and Flax."""
 
-from mixjax import augment, data, delay, models, prune, schedules, select
+from mixjax import (
+    augment,
+    coding,
+    data,
+    delay,
+    kmeans,
+    merge,
+    models,
+    prune,
+    schedules,
+    select,
+    share,
+)
 from mixjax.core import (
     ConstrainedState,
     EmptyState,
@@ -21,13 +33,17 @@ __all__ = [
     "apply_updates",
     "augment",
     "chain",
+    "coding",
     "data",
     "delay",
     "identity",
+    "kmeans",
+    "merge",
     "models",
     "prune",
     "schedules",
     "select",
+    "share",
     "unconstrained",
     "wrap_optax",
 ]
