@@ -1,14 +1,21 @@
 """mixjax: composable, jit-able compression transforms and training wrappers for JAX and Flax."""
 
 from mixjax import (
+    activations,
     augment,
+    codecs,
     coding,
     data,
     delay,
+    export,
+    intinfer,
     kmeans,
     merge,
     models,
+    observe,
+    packing,
     prune,
+    quant,
     schedules,
     select,
     share,
@@ -27,6 +34,13 @@ from mixjax.core import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "quant",
+    "packing",
+    "observe",
+    "intinfer",
+    "export",
+    "codecs",
+    "activations",
     "ConstrainedState",
     "EmptyState",
     "ParamTransform",

@@ -1,0 +1,400 @@
+"""Tests of mixjax.train: the composed step, K steps per call, linen/NNX models, eval, errors."""
+
+import types
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import mixjax
+from mixjax import augment, delay, models, prune, quant, schedules, share, train
+
+HARNESSES = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
+CLASSES = 4
+BATCH = 16
+K = 4
+
+
+def make_data(n, seed):
+    """8x8x1 images in [0, 1]: class c lights rows 2c and 2c + 1 (flip-invariant), plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n).astype(np.int32)
+    images = 0.3 * rng.random((n, 8, 8, 1), np.float32)
+    for i, c in enumerate(labels):
+        images[i, 2 * c : 2 * c + 2] += 0.7
+    return {"image": images, "label": labels}
+
+
+def stacked(steps, seed):
+    data = make_data(steps * BATCH, seed)
+    return {k: v.reshape(steps, BATCH, *v.shape[1:]) for k, v in data.items()}
+
+
+def unstack(batch, k):
+    return {key: value[k] for key, value in batch.items()}
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(32)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(CLASSES)(x)
+
+
+class NormDropNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Dense(16)(x.reshape((x.shape[0], -1)))
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(x))
+        return nn.Dense(CLASSES)(x)
+
+
+def counting(apply_fn, counter):
+    def counted(params, model_state, images, *, train, key):
+        counter.append(train)
+        return apply_fn(params, model_state, images, train=train, key=key)
+
+    return counted
+
+
+# ----------------------------------------------------------------------------------------------
+# The full stack: prune + cluster + fake-quant, augmentation, delayed DC-ASGD Adam.
+
+
+@pytest.fixture(scope="module")
+def full():
+    module = MLP()
+    params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    transform = mixjax.chain(
+        prune.magnitude(schedules.polynomial(0.0, 0.75, 0, 24)),
+        share.cluster(16, per_channel=True, init="linear"),  # "linear" compiles fastest
+        quant.fake_quant(8),
+    )
+    tx = delay.delayed(optax.adam(1e-2), 2, compensation="dc")
+    aug = augment.chain(
+        augment.random_flip(),
+        augment.random_crop(padding=1),
+        augment.random_brightness(0.1),
+        augment.label_smoothing(0.1, num_classes=CLASSES),
+    )
+    traces = {"single": [], "multi": [], "eval": []}
+    apply_fn = train.linen_apply(module)
+    kwargs = dict(transform=transform, augment=aug)
+    return types.SimpleNamespace(
+        module=module,
+        params=params,
+        transform=transform,
+        tx=tx,
+        init=lambda: train.init_train_state(params, tx, transform=transform, key=jax.random.key(1)),
+        single=train.make_train_step(counting(apply_fn, traces["single"]), tx, **kwargs),
+        multi=train.make_train_step(
+            counting(apply_fn, traces["multi"]), tx, steps_per_call=K, **kwargs
+        ),
+        evaluate=train.make_eval_step(counting(apply_fn, traces["eval"]), transform=transform),
+        traces=traces,
+    )
+
+
+def test_k_step_scan_equals_k_single_steps(full):
+    batch = stacked(K, seed=1)
+    state = full.init()
+    singles = []
+    for k in range(K):
+        state, metrics = full.single(state, unstack(batch, k))
+        singles.append(metrics)
+    scanned, metrics = full.multi(full.init(), batch)
+    assert int(scanned.step) == K
+    for name in ("loss", "accuracy"):
+        assert metrics[name].shape == (K,) and metrics[name].dtype == jnp.float32
+        np.testing.assert_allclose(metrics[name], [m[name] for m in singles], rtol=1e-6)
+    chex.assert_trees_all_equal_shapes_and_dtypes(scanned, state)
+    scanned, state = (s._replace(rng=jax.random.key_data(s.rng)) for s in (scanned, state))
+    chex.assert_trees_all_equal(scanned, state)
+
+
+def test_full_stack_trains_keeps_constraints_and_compiles_once(full):
+    state = full.init()
+    eval_batch = make_data(64, seed=99)
+    before = full.evaluate(state, eval_batch)
+    for call in range(10):
+        state, metrics = full.multi(state, stacked(K, seed=10 + call))
+        assert metrics["loss"].shape == (K,) and metrics["accuracy"].shape == (K,)
+        masks = state.transform_state[0].masks
+        for path, (w, m) in zip(
+            ("Dense_0", "Dense_1"),
+            ((state.params[d]["kernel"], masks[d]["kernel"]) for d in ("Dense_0", "Dense_1")),
+            strict=True,
+        ):
+            w, m = np.asarray(w), np.asarray(m)
+            assert np.all(w[~m] == 0.0), f"pruned weights of {path} not exactly zero"
+    after = full.evaluate(state, eval_batch)
+    assert int(state.step) == 10 * K
+    assert float(after["loss"]) < 0.7 * float(before["loss"])
+    assert float(after["accuracy"]) >= 0.9 > float(before["accuracy"])
+    summary = prune.summary(state.params)
+    assert summary.sparsity == pytest.approx(0.75, abs=0.01)
+    # The compressed view: at most 16 distinct values (zero included) per output channel.
+    view = full.transform.apply(state.params, state.transform_state)
+    for d in ("Dense_0", "Dense_1"):
+        for column in np.asarray(view[d]["kernel"]).T:
+            assert np.unique(column).size <= 16
+    # One trace per jitted function, whatever the number of calls.
+    assert full.traces["multi"] == [True]
+    assert full.traces["eval"] == [False]
+
+
+def test_single_step_compiles_once(full):
+    state = full.init()
+    for seed in range(5):
+        state, metrics = full.single(state, make_data(BATCH, seed))
+        assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
+    assert full.traces["single"] == [True]
+
+
+# ----------------------------------------------------------------------------------------------
+# Against a hand-written optax step; linen model state; NNX models.
+
+
+def test_identity_step_equals_a_hand_written_optax_step():
+    module = MLP()
+    params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    tx = optax.sgd(0.1, momentum=0.9)
+
+    @jax.jit
+    def reference(params, opt_state, batch):
+        def loss_fn(p):
+            logits = module.apply({"params": p}, batch["image"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return loss, optax.apply_updates(params, updates), opt_state
+
+    step = train.make_train_step(train.linen_apply(module), tx)
+    state = train.init_train_state(params, tx, key=jax.random.key(0))
+    opt_state = tx.init(params)
+    for seed in range(3):
+        batch = make_data(BATCH, seed)
+        loss, params, opt_state = reference(params, opt_state, batch)
+        state, metrics = step(state, batch)
+        np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+        chex.assert_trees_all_close(state.params, params, rtol=1e-6, atol=1e-7)
+    assert int(state.step) == 3
+
+
+def test_linen_batch_stats_and_dropout():
+    module = NormDropNet()
+    variables = module.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), train=False)
+    params, model_state = variables["params"], {"batch_stats": variables["batch_stats"]}
+    tx = optax.adam(1e-3)
+    apply_fn = train.linen_apply(module, train_kwarg="train")
+    step = train.make_train_step(apply_fn, tx)
+    evaluate = train.make_eval_step(apply_fn)
+    batch = make_data(BATCH, 0)
+    losses = []
+    for seed in (1, 2):  # dropout draws come from the state's key
+        state = train.init_train_state(
+            params, tx, key=jax.random.key(seed), model_state=model_state
+        )
+        new, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[0] != losses[1]
+    stats = new.model_state["batch_stats"]["BatchNorm_0"]
+    assert not np.allclose(stats["mean"], 0.0)
+    assert jax.tree.structure(new.model_state) == jax.tree.structure(model_state)
+    logits = module.apply({"params": new.params, **new.model_state}, batch["image"], train=False)
+    expected = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    np.testing.assert_allclose(evaluate(new, batch)["loss"], expected, rtol=1e-5)
+
+
+def test_nnx_and_linen_give_the_same_steps():
+    linen_model = models.LeNet300100(num_classes=CLASSES)
+    params = linen_model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    nnx_model = models.NNXLeNet300100(64, CLASSES, rngs=nnx.Rngs(0))
+    nnx.update(nnx_model, params)
+    graphdef, nnx_params, nnx_rest = nnx.split(nnx_model, nnx.Param, ...)
+    transform = quant.fake_quant(4)
+    tx = optax.adam(1e-2)
+    runs = {}
+    for name, apply_fn, p, rest in (
+        ("linen", train.linen_apply(linen_model), params, None),
+        ("nnx", train.nnx_apply(graphdef), nnx_params, nnx_rest),
+    ):
+        step = train.make_train_step(apply_fn, tx, transform=transform)
+        state = train.init_train_state(
+            p, tx, transform=transform, key=jax.random.key(0), model_state=rest
+        )
+        for seed in range(3):
+            state, metrics = step(state, make_data(BATCH, seed))
+        runs[name] = (state, metrics)
+    (linen_state, linen_metrics), (nnx_state, nnx_metrics) = runs.values()
+    np.testing.assert_allclose(nnx_metrics["loss"], linen_metrics["loss"], rtol=1e-5)
+    assert isinstance(nnx_state.params, nnx.State)
+    for layer in ("Dense_0", "Dense_1", "Dense_2"):
+        np.testing.assert_allclose(
+            nnx_state.params[layer]["kernel"][...],
+            linen_state.params[layer]["kernel"],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+def test_nnx_model_state_is_carried():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.Dense_0 = nnx.Linear(64, 16, rngs=rngs)
+            self.norm = nnx.BatchNorm(16, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.Dense_1 = nnx.Linear(16, CLASSES, rngs=rngs)
+
+        def __call__(self, x):
+            x = self.drop(nnx.relu(self.norm(self.Dense_0(x.reshape((x.shape[0], -1))))))
+            return self.Dense_1(x)
+
+    graphdef, params, rest = nnx.split(Net(nnx.Rngs(0, dropout=1)), nnx.Param, ...)
+    tx = optax.sgd(0.1)
+    apply_fn = train.nnx_apply(graphdef)
+    step = train.make_train_step(apply_fn, tx, steps_per_call=2)
+    state = train.init_train_state(params, tx, key=jax.random.key(0), model_state=rest)
+    new, metrics = step(state, stacked(2, seed=0))
+    assert metrics["loss"].shape == (2,)
+    assert jax.tree.structure(new.model_state) == jax.tree.structure(rest)
+    assert not np.allclose(new.model_state["norm"]["mean"][...], 0.0)
+    batch = make_data(BATCH, 3)
+    model = nnx.merge(graphdef, new.params, new.model_state)
+    model.eval()
+    expected = optax.softmax_cross_entropy_with_integer_labels(
+        model(batch["image"]), batch["label"]
+    ).mean()
+    np.testing.assert_allclose(train.make_eval_step(apply_fn)(new, batch)["loss"], expected, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss, donation.
+
+
+@pytest.mark.parametrize("harness", HARNESSES)
+def test_softmax_cross_entropy_integer_and_soft_labels(harness):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 3)).astype(np.float32)
+    ids = np.array([0, 2, 1, 1, 0], np.int32)
+    soft = rng.dirichlet(np.ones(3), 5).astype(np.float32)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    fn = harness(train.softmax_cross_entropy)
+    out = fn(jnp.asarray(logits), jnp.asarray(ids))
+    assert out.shape == (5,) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, -log_p[np.arange(5), ids], rtol=1e-6)
+    np.testing.assert_allclose(fn(logits, soft), -(soft * log_p).sum(-1), rtol=1e-6)
+
+
+def test_donation():
+    module = MLP()
+    params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    tx = optax.sgd(0.1)
+    batch = make_data(BATCH, 0)
+    state = train.init_train_state(params, tx, key=jax.random.key(0))
+    kept = train.make_train_step(train.linen_apply(module), tx, donate=False)
+    new, _ = kept(state, batch)
+    assert not state.params["Dense_0"]["kernel"].is_deleted()
+    donated = train.make_train_step(train.linen_apply(module), tx)
+    donated(new, batch)
+    assert new.params["Dense_0"]["kernel"].is_deleted()
+    assert not params["Dense_0"]["kernel"].is_deleted()  # init_train_state copied them
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors.
+
+
+def tiny_setup(**kwargs):
+    module = MLP()
+    params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    tx = optax.sgd(0.1)
+    step = train.make_train_step(train.linen_apply(module), tx, donate=False, **kwargs)
+    return step, train.init_train_state(params, tx, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_bad_steps_per_call(value):
+    with pytest.raises(ValueError, match=r"make_train_step: steps_per_call must be an int >= 1"):
+        train.make_train_step(lambda *a, **k: None, optax.sgd(0.1), steps_per_call=value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(apply_fn=3), r"make_train_step: apply_fn must be callable.*got int"),
+        (dict(tx="adam"), r"make_train_step: tx must be an optax GradientTransformation"),
+        (dict(transform=prune.PruneState), r"make_train_step: transform must be a mixjax"),
+        (dict(augment=1), r"make_train_step: augment must be callable, got int"),
+        (dict(preprocess=1), r"make_train_step: preprocess must be callable, got int"),
+        (dict(loss="ce"), r"make_train_step: loss must be callable, got str"),
+        (dict(donate=1), r"make_train_step: donate must be a bool, got donate=1"),
+    ],
+)
+def test_bad_factory_arguments(kwargs, match):
+    args = dict(apply_fn=lambda *a, **k: None, tx=optax.sgd(0.1))
+    args.update(kwargs)
+    with pytest.raises(TypeError, match=match):
+        train.make_train_step(args.pop("apply_fn"), args.pop("tx"), **args)
+
+
+def test_missing_batch_keys():
+    step, state = tiny_setup()
+    with pytest.raises(ValueError, match=r"batch is missing key\(s\) \['label'\].*got \['image'\]"):
+        step(state, {"image": make_data(BATCH, 0)["image"]})
+    with pytest.raises(TypeError, match=r"make_train_step: batch must be a dict.*got tuple"):
+        step(state, (1, 2))
+    evaluate = train.make_eval_step(train.linen_apply(MLP()))
+    with pytest.raises(ValueError, match=r"make_eval_step: batch is missing key\(s\) \['image'\]"):
+        evaluate(state, {"label": make_data(BATCH, 0)["label"]})
+
+
+def test_batch_leading_axis_must_match_steps_per_call():
+    step, state = tiny_setup(steps_per_call=3)
+    with pytest.raises(ValueError, match=r"steps_per_call=3 needs a stacked batch .*\(2, 16, 8"):
+        step(state, stacked(2, seed=0))
+    with pytest.raises(ValueError, match=r"steps_per_call=3 needs a stacked batch .*\(16, 8"):
+        step(state, make_data(BATCH, 0))
+
+
+def test_images_and_labels_must_agree():
+    step, state = tiny_setup()
+    batch = make_data(BATCH, 0)
+    with pytest.raises(ValueError, match=r"batch\['image'\] \(16, 8, 8, 1\) and batch\['label'\]"):
+        step(state, {"image": batch["image"], "label": batch["label"][:5]})
+
+
+def test_state_must_be_a_train_state():
+    step, state = tiny_setup()
+    with pytest.raises(TypeError, match=r"make_train_step: state must be a mixjax.train.TrainSt"):
+        step(tuple(state), make_data(BATCH, 0))
+
+
+def test_bad_labels():
+    with pytest.raises(
+        ValueError, match=r"softmax_cross_entropy: labels must be .*got float32 \(3,"
+    ):
+        train.softmax_cross_entropy(jnp.zeros((3, 4)), jnp.zeros((3,)))
+
+
+def test_bad_init_and_adapters():
+    params = {"w": jnp.ones((2, 2))}
+    with pytest.raises(TypeError, match=r"init_train_state: key must be a jax.random.key"):
+        train.init_train_state(params, optax.sgd(0.1), key=0)
+    with pytest.raises(TypeError, match=r"init_train_state: tx must be an optax"):
+        train.init_train_state(params, None, key=jax.random.key(0))
+    with pytest.raises(TypeError, match=r"init_train_state: transform must be a mixjax"):
+        train.init_train_state(params, optax.sgd(0.1), key=jax.random.key(0), transform=1)
+    with pytest.raises(TypeError, match=r"linen_apply: module must be a flax.linen Module"):
+        train.linen_apply(lambda x: x)
+    with pytest.raises(TypeError, match=r"nnx_apply: graphdef must be an nnx.GraphDef"):
+        train.nnx_apply(MLP())
+    with pytest.raises(TypeError, match=r"make_eval_step: apply_fn must be callable"):
+        train.make_eval_step(None)
