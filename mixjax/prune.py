@@ -59,6 +59,85 @@ class PruneState(NamedTuple):
 # The engine.
 
 
+class _Rule(NamedTuple):
+    """The static part of a pruner: hashable, so equal rules share compiled mask programs."""
+
+    score_fn: ScoreFn
+    structure_type: type  # structures are NamedTuples: Channel() == Unstructured() == ()
+    structure: Structure
+    scope: str
+    update_every: int
+    schedule: schedules.Schedule | None  # None: a constant sparsity, passed as an array
+
+
+def _new_masks(rule: _Rule, params, masks, step, grads, key, sparsity):
+    step = jnp.asarray(step)
+    s = sparsity if rule.schedule is None else rule.schedule(step)
+    s = jnp.clip(jnp.asarray(s, jnp.float32), 0.0, 1.0)
+    structure = rule.structure
+    flat_params, treedef = jax.tree.flatten(params)
+    flat_masks = treedef.flatten_up_to(masks)
+    flat_grads = [None] * len(flat_params) if grads is None else treedef.flatten_up_to(grads)
+    step_key = None if key is None else jax.random.fold_in(key, step)
+    chosen = [i for i, m in enumerate(flat_masks) if m is not None]
+    scores = {}
+    for i in chosen:
+        leaf_key = None if step_key is None else jax.random.fold_in(step_key, i)
+        raw = rule.score_fn(leaf_key, i, flat_params[i], flat_grads[i])
+        # Pruned weights score 0 so masks never regrow (random scores are otherwise blind).
+        scores[i] = jnp.where(flat_masks[i], raw.astype(jnp.float32), 0.0)
+    out = list(flat_masks)
+    if isinstance(structure, NM):
+        keep = sparsity_ops.nm_keep(s, structure)
+        for i in chosen:
+            out[i] = sparsity_ops.nm_mask(scores[i], structure.m, keep)
+        return treedef.unflatten(out)
+    units = {i: sparsity_ops.unit_scores(structure, scores[i]) for i in chosen}
+    if rule.scope == "global":
+        total = sum(u.size for u in units.values())
+        pruned = sparsity_ops.smallest(
+            [units[i].ravel() for i in chosen], sparsity_ops.units_to_prune(s, total)
+        )
+        pruned = dict(zip(chosen, pruned, strict=True))
+    else:
+        if rule.scope == "erk":
+            per_leaf = sparsity_ops.erk_sparsities(s, [flat_params[i].shape for i in chosen])
+        else:
+            per_leaf = [s] * len(chosen)
+        pruned = {
+            i: sparsity_ops.smallest(
+                [units[i].ravel()], sparsity_ops.units_to_prune(si, units[i].size)
+            )[0]
+            for i, si in zip(chosen, per_leaf, strict=True)
+        }
+    for i in chosen:
+        unit_mask = ~pruned[i].reshape(units[i].shape)
+        out[i] = sparsity_ops.expand(structure, unit_mask, flat_params[i].shape)
+    return treedef.unflatten(out)
+
+
+def _refresh(rule: _Rule, params, masks, step, grads, key, sparsity):
+    due = jnp.asarray(step) % rule.update_every == 0
+    return lax.cond(
+        due,
+        lambda *args: _new_masks(rule, *args),
+        lambda p, m, *rest: m,
+        params,
+        masks,
+        step,
+        grads,
+        key,
+        sparsity,
+    )
+
+
+# Module-level, keyed on the static rule: eager calls (init, one_shot, update outside jit)
+# compile once per rule and tree shape, not once per transform instance. Inside a jitted train
+# step they are inlined.
+_new_masks_jit = jax.jit(_new_masks, static_argnums=0)
+_refresh_jit = jax.jit(_refresh, static_argnums=0)
+
+
 def _pruner(
     fn_name: str,
     score_fn: ScoreFn,
@@ -80,59 +159,14 @@ def _pruner(
         if not isinstance(structure, NM):
             raise ValueError(f"{fn_name}: sparsity=None is only meaningful with structure=NM(n, m)")
         sparsity = 1.0 - structure.n / structure.m
-    sparsity_at = schedules.check_range(fn_name, "sparsity", sparsity, 0.0, 1.0)
-
-    def new_masks(params, masks, step, grads):
-        step = jnp.asarray(step)
-        s = jnp.clip(jnp.asarray(sparsity_at(step), jnp.float32), 0.0, 1.0)
-        flat_params, treedef = jax.tree.flatten(params)
-        flat_masks = treedef.flatten_up_to(masks)
-        flat_grads = [None] * len(flat_params) if grads is None else treedef.flatten_up_to(grads)
-        step_key = None if key is None else jax.random.fold_in(key, step)
-        chosen = [i for i, m in enumerate(flat_masks) if m is not None]
-        scores = {}
-        for i in chosen:
-            leaf_key = None if step_key is None else jax.random.fold_in(step_key, i)
-            raw = score_fn(leaf_key, i, flat_params[i], flat_grads[i])
-            # Pruned weights score 0 so masks never regrow (random scores are otherwise blind).
-            scores[i] = jnp.where(flat_masks[i], raw.astype(jnp.float32), 0.0)
-        out = list(flat_masks)
-        if isinstance(structure, NM):
-            keep = sparsity_ops.nm_keep(s, structure)
-            for i in chosen:
-                out[i] = sparsity_ops.nm_mask(scores[i], structure.m, keep)
-            return treedef.unflatten(out)
-        units = {i: sparsity_ops.unit_scores(structure, scores[i]) for i in chosen}
-        if scope == "global":
-            total = sum(u.size for u in units.values())
-            pruned = sparsity_ops.smallest(
-                [units[i].ravel() for i in chosen], sparsity_ops.units_to_prune(s, total)
-            )
-            pruned = dict(zip(chosen, pruned, strict=True))
-        else:
-            if scope == "erk":
-                per_leaf = sparsity_ops.erk_sparsities(s, [flat_params[i].shape for i in chosen])
-            else:
-                per_leaf = [s] * len(chosen)
-            pruned = {
-                i: sparsity_ops.smallest(
-                    [units[i].ravel()], sparsity_ops.units_to_prune(si, units[i].size)
-                )[0]
-                for i, si in zip(chosen, per_leaf, strict=True)
-            }
-        for i in chosen:
-            unit_mask = ~pruned[i].reshape(units[i].shape)
-            out[i] = sparsity_ops.expand(structure, unit_mask, flat_params[i].shape)
-        return treedef.unflatten(out)
-
-    # Jitted once per transform, so eager calls (init, one_shot) compile once, not per call.
-    new_masks_jit = jax.jit(new_masks)
-
-    def refresh(params, masks, step, grads):
-        due = jnp.asarray(step) % update_every == 0
-        return lax.cond(due, new_masks, lambda p, m, s, g: m, params, masks, step, grads)
-
-    refresh_jit = jax.jit(refresh)
+    schedules.check_range(fn_name, "sparsity", sparsity, 0.0, 1.0)
+    if isinstance(structure, Block):
+        structure = Block(tuple(structure.shape))  # hashable
+    constant = not callable(sparsity)
+    rule = _Rule(
+        score_fn, type(structure), structure, scope, update_every, None if constant else sparsity
+    )
+    level = jnp.float32(sparsity if constant else 0.0)
 
     def init_fn(params):
         chosen = select.selection(fn_name, params, where)
@@ -146,7 +180,7 @@ def _pruner(
         )
         if needs_grads:  # no gradient yet: masks start dense and are chosen at the first update
             return PruneState(ones)
-        return PruneState(new_masks_jit(params, ones, 0, None))
+        return PruneState(_new_masks_jit(rule, params, ones, 0, None, key, level))
 
     def check(params, state):
         if not isinstance(state, PruneState):
@@ -166,7 +200,7 @@ def _pruner(
             raise ValueError(f"{fn_name}: update needs grads= (the loss gradient w.r.t. params)")
         if grads is not None:
             select.check_mirror(fn_name, params, grads, "grads")
-        return PruneState(refresh_jit(params, state.masks, step, grads))
+        return PruneState(_refresh_jit(rule, params, state.masks, step, grads, key, level))
 
     return ParamTransform(init_fn, apply_fn, update_fn, apply_fn)
 
