@@ -1,0 +1,281 @@
+"""Tests of mixjax.parallel on 8 CPU devices: data/model parallel, shard_map and pmap steps.
+
+JAX fixes its device count when it starts, so when this process has fewer than 8 devices,
+``test_suite_on_8_cpu_devices`` re-runs this module in a subprocess with
+``--xla_force_host_platform_device_count=8`` (one JAX start for every multi-device test) and the
+multi-device tests skip here.
+"""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import mixjax
+from mixjax import delay, mesh, parallel, prune, quant, schedules, select, share, train
+
+DEVICES = 8
+CHILD = "MIXJAX_PARALLEL_CHILD"
+STEPS = 5
+BATCH = 16
+multi = pytest.mark.skipif(jax.device_count() < DEVICES, reason="needs 8 (forced CPU) devices")
+RULES = [
+    (".*Dense_0/kernel", P(None, "model")),
+    (".*Dense_0/bias", P("model")),
+    (".*Dense_1/kernel", P("model", None)),
+]
+
+
+@pytest.mark.skipif(
+    jax.device_count() >= DEVICES or CHILD in os.environ, reason="runs the suite itself"
+)
+def test_suite_on_8_cpu_devices():
+    env = {
+        **os.environ,
+        CHILD: "1",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "skipped" in done.stdout
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(32)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(4)(x)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    module = MLP()
+    params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    transform = mixjax.chain(
+        prune.magnitude(schedules.polynomial(0.0, 0.75, 0, STEPS - 1)),
+        share.cluster(16, per_channel=True, init="linear"),
+        quant.fake_quant(8),
+    )
+    # Plain Adam in the compiled runs (compile time); the delay FIFOs' layout is checked on a
+    # delayed(...) state in test_state_specs_of_abstract_delayed_state_mirror_parameters.
+    tx = optax.adam(1e-2)
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "image": rng.random((BATCH, 8, 8, 1), np.float32),
+            "label": rng.integers(0, 4, BATCH).astype(np.int32),
+        }
+        for _ in range(STEPS)
+    ]
+    apply_fn = train.linen_apply(module)
+
+    def init_with(tx):
+        return train.init_train_state(params, tx, transform=transform, key=jax.random.key(1))
+
+    init = jax.jit(lambda: init_with(tx))  # one compile, not one per eager op
+
+    def make(replica=False):
+        fn = parallel.replica_apply(apply_fn) if replica else apply_fn
+        return train.make_train_step(fn, tx, transform=transform)
+
+    return dict(init=init, init_with=init_with, make=make, batches=batches)
+
+
+def run(step, state, batches):
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return state, np.array(losses)
+
+
+def host(state):
+    return jax.device_get(state._replace(rng=jax.random.key_data(state.rng)))
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    return run(setup["make"](), setup["init"](), setup["batches"])
+
+
+def assert_equal_runs(got, want):
+    (state, losses), (ref_state, ref_losses) = got, want
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
+    assert int(state.step) == STEPS
+    got, want = (select.leaves_with_paths(host(s)) for s in (state, ref_state))
+    for (path, a), (_, b) in zip(got, want, strict=True):
+        assert a.dtype == b.dtype, path
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=path)
+
+
+@multi
+def test_data_parallel_equals_single_device(setup, reference):
+    step = parallel.data_parallel(setup["make"](), parallel.make_mesh())
+    assert_equal_runs(run(step, setup["init"](), setup["batches"]), reference)
+
+
+def expected_spec(path):
+    """What every state leaf's spec must be under RULES (written out, not derived)."""
+    table = {
+        "params/Dense_0/kernel": P(None, "model"),
+        "params/Dense_0/bias": P("model"),
+        "params/Dense_1/kernel": P("model", None),
+        "params/Dense_1/bias": P(None),
+        "opt_state/past_grads/Dense_0/kernel": P(None, None, "model"),
+        "opt_state/past_grads/Dense_0/bias": P(None, "model"),
+        "opt_state/past_grads/Dense_1/kernel": P(None, "model", None),
+        "opt_state/0/mu/Dense_0/kernel": P(None, "model"),
+        "opt_state/0/nu/Dense_1/kernel": P("model", None),
+        "opt_state/0/count": P(),
+        "transform_state/0/masks/Dense_0/kernel": P(None, "model"),
+        "transform_state/0/masks/Dense_1/kernel": P("model", None),
+        "transform_state/1/assignments/Dense_0/kernel": P(None, "model"),
+        "transform_state/2/scale/Dense_0/kernel": P(None, "model"),
+        "transform_state/2/scale/Dense_1/kernel": P(None, None),
+        "step": P(),
+        "rng": P(),
+    }
+    return table.get(path.replace("opt_state/inner_state/", "opt_state/"))
+
+
+@multi
+def test_model_parallel_2x4_equals_single_device_and_keeps_shardings(setup, reference):
+    mesh2x4 = parallel.make_mesh(data=2, model=4)
+    assert dict(mesh2x4.shape) == {"data": 2, "model": 4}
+    state = parallel.shard_state(setup["init"](), mesh2x4, RULES)
+    shardings_before = jax.tree.map(lambda x: x.sharding, state)
+    step = parallel.data_parallel(setup["make"](), mesh2x4, rules=RULES)
+    got = run(step, state, setup["batches"])
+    assert_equal_runs(got, reference)
+    state = got[0]
+    assert jax.tree.map(lambda x: x.sharding, state) == shardings_before
+    checked = 0
+    for path, leaf in select.leaves_with_paths(state):
+        want = expected_spec(path)
+        if want is not None:
+            assert leaf.sharding.spec == want, (path, leaf.sharding.spec, want)
+            checked += 1
+    assert checked == 14
+    shard = state.params["Dense_0"]["kernel"].addressable_shards[0].data
+    assert shard.shape == (64, 8)
+
+
+@multi
+def test_state_specs_of_abstract_delayed_state_mirror_parameters(setup):
+    tx = delay.delayed(optax.adam(1e-2), 2, compensation="dc")
+    state = jax.eval_shape(lambda: setup["init_with"](tx))  # layouts need shapes only
+    shardings = parallel.state_shardings(state, parallel.make_mesh(data=2, model=4), RULES)
+    checked = 0
+    for path, sharding in select.leaves_with_paths(shardings):
+        want = expected_spec(path)
+        if want is not None:
+            assert sharding.spec == want, path
+            checked += 1
+    assert checked == 17
+
+
+@multi
+def test_shard_map_step_equals_single_device(setup, reference):
+    step = parallel.shard_map_step(setup["make"](replica=True), parallel.make_mesh())
+    assert_equal_runs(run(step, setup["init"](), setup["batches"]), reference)
+
+
+@multi
+def test_pmap_step_equals_single_device(setup, reference):
+    step = parallel.pmap_step(setup["make"](replica=True))
+    state, losses = run(step, parallel.replicate(setup["init"]()), setup["batches"])
+    assert jax.tree.leaves(state.params)[0].shape[0] == DEVICES
+    assert_equal_runs((parallel.unreplicate(state), losses), reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: each a clear error before compilation.
+
+
+@multi
+def test_batch_not_divisible_by_data_axis(setup):
+    step = parallel.data_parallel(setup["make"](), parallel.make_mesh())
+    batch = {k: v[:12] for k, v in setup["batches"][0].items()}
+    with pytest.raises(ValueError, match="global batch of 12 examples .* data axis of size 8"):
+        step(setup["init"](), batch)
+    with pytest.raises(ValueError, match="pmap_step: the global batch of 12"):
+        parallel.pmap_step(setup["make"](replica=True))(setup["init"](), batch)
+
+
+@multi
+def test_rule_errors(setup):
+    params = setup["init"]().params
+    with pytest.raises(ValueError, match="names mesh axis 'tensor'; the mesh has axes"):
+        parallel.data_parallel(
+            setup["make"](), parallel.make_mesh(), rules=[(".*kernel", P(None, "tensor"))]
+        )
+    with pytest.raises(ValueError, match=r"'Dense_1/kernel' \(32, 4\).* size 4 over 8 devices"):
+        parallel.param_specs(params, parallel.make_mesh(1, 8), [(".*kernel", P(None, "model"))])
+    with pytest.raises(ValueError, match="has 3 entries for 1 dimensions"):
+        parallel.param_specs(params, parallel.make_mesh(), [(".*bias", P(None, None, None))])
+    with pytest.raises(TypeError, match=r"\(regex str, PartitionSpec\) pair"):
+        parallel.param_specs(params, parallel.make_mesh(), [(".*bias", ("model",))])
+    with pytest.raises(ValueError, match="needs 16 devices, got 8"):
+        parallel.make_mesh(4, 4)
+
+
+@multi
+def test_shard_map_requires_replica_apply(setup):
+    step = parallel.shard_map_step(setup["make"](), parallel.make_mesh())
+    with pytest.raises(ValueError, match="does not average gradients over the 'data' axis"):
+        step(setup["init"](), setup["batches"][0])
+
+
+def test_mesh_module_specs_on_one_device():
+    params = {"w": jnp.zeros((4, 6)), "b": jnp.zeros((6,))}
+    one = parallel.make_mesh(devices=jax.devices()[:1])
+    specs = mesh.param_specs(params, one, [("w", P(None, "model"))])
+    assert specs == {"w": P(None, "model"), "b": P()}
+    fifo = {"w": jnp.zeros((3, 4, 6)), "b": None}
+    assert mesh.state_specs({"fifo": fifo, "n": jnp.zeros([])}, params, specs) == {
+        "fifo": {"w": P(None, None, "model"), "b": None},
+        "n": P(),
+    }
+    with pytest.raises(ValueError, match="steps_per_call must be an int >= 1"):
+        parallel.shard_batch({"x": np.zeros((4, 2))}, one, steps_per_call=0)
+
+
+@multi
+def test_steps_per_call_stacked_batches(setup):
+    module = MLP()
+    params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    tx = optax.sgd(0.1)
+    batch = {k: np.stack([b[k] for b in setup["batches"][:2]]) for k in ("image", "label")}
+
+    def init():
+        return train.init_train_state(params, tx, key=jax.random.key(1))
+
+    def make(replica):
+        apply_fn = train.linen_apply(module)
+        apply_fn = parallel.replica_apply(apply_fn) if replica else apply_fn
+        return train.make_train_step(apply_fn, tx, steps_per_call=2)
+
+    want, want_metrics = make(False)(init(), batch)
+    mesh8, k = parallel.make_mesh(), 2
+    runs = {
+        "dp": parallel.data_parallel(make(False), mesh8, steps_per_call=k)(init(), batch),
+        "shard_map": parallel.shard_map_step(make(True), mesh8, steps_per_call=k)(init(), batch),
+    }
+    state, metrics = parallel.pmap_step(make(True), steps_per_call=2)(
+        parallel.replicate(init()), batch
+    )
+    runs["pmap"] = (parallel.unreplicate(state), metrics)
+    for name, (state, metrics) in runs.items():
+        assert metrics["loss"].shape == (2,), name
+        np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-5, err_msg=name)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want.params), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
