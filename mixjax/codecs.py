@@ -18,7 +18,9 @@ decoders may call :func:`decode` on nested records. Built-in kinds:
 Which leaves get which kind is decided by *encoders* registered per transform-state type
 (:func:`register_encoder`): :func:`mixjax.export.compress` finds every registered state inside
 the transform state (e.g. the entries of a ``chain`` state) and, for each leaf, uses the last one
-covering it (the last transform of the chain, whose grid the view is on).
+covering it (the last transform of the chain, whose grid the view is on). *Candidates*
+(:func:`register_candidate`, e.g. the codebook kind of :mod:`mixjax.codebook_codec`) are tried on
+every leaf besides; :func:`encode_leaf` keeps the smallest record.
 """
 
 from __future__ import annotations
@@ -37,8 +39,15 @@ Store = Callable[[np.ndarray], str]
 LeafEncoder = Callable[[str, np.ndarray, Store], Record]
 Decoder = Callable[[Record, Mapping[str, np.ndarray]], np.ndarray]
 
+Candidate = Callable[[str, np.ndarray, "LeafEncoder | None", Store], "Record | None"]
+
 _KINDS: dict[str, Decoder] = {}
 _ENCODERS: dict[type, Callable[[Any], Any]] = {}
+_CANDIDATES: list[Candidate] = []
+# What a record field costs besides its bytes (its manifest entry), when comparing candidates.
+ARRAY_OVERHEAD = 16
+# Record fields that hold strings which are not array names.
+_NOT_ARRAYS = frozenset({"path", "kind", "dtype", "codec"})
 
 
 def register_kind(kind: str, decoder: Decoder) -> None:
@@ -58,6 +67,16 @@ def register_encoder(state_type: type, encoders: Callable[[Any], Any]) -> None:
     saves an array and returns the name a record refers to it by.
     """
     _ENCODERS[state_type] = encoders
+
+
+def register_candidate(candidate: Candidate) -> None:
+    """Registers an encoding tried on every leaf: ``candidate(path, leaf, encoder, store)``.
+
+    ``encoder`` is the leaf's covering encoder (``None`` if none); the candidate returns a
+    record, or ``None`` where its encoding does not apply (e.g. too many distinct values).
+    """
+    if candidate not in _CANDIDATES:
+        _CANDIDATES.append(candidate)
 
 
 class IntTensor(NamedTuple):
@@ -143,6 +162,8 @@ register_kind("array", _decode_array)
 
 def decode(record: Record, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """Decodes one record (of any registered kind) to its array."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a dict, got {record!r}")
     kind = record.get("kind")
     if kind not in _KINDS:
         raise ValueError(f"unknown kind {kind!r} (known: {sorted(_KINDS)})")
@@ -222,6 +243,64 @@ def _lsq_encoders(state: quant.LsqState) -> Any:
 
 register_encoder(quant.FakeQuantState, _fake_quant_encoders)
 register_encoder(quant.LsqState, _lsq_encoders)
+
+
+def record_arrays(record: Record, arrays: Mapping[str, np.ndarray]) -> set[str]:
+    """Names of the arrays (keys of ``arrays``) a record, with its nested records, refers to."""
+    names: set[str] = set()
+
+    def walk(node, key=None):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, k)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, key)
+        elif isinstance(node, str) and key not in _NOT_ARRAYS and node in arrays:
+            names.add(node)
+
+    walk(record)
+    return names
+
+
+def record_nbytes(record: Record, arrays: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the arrays a record (with its nested records) refers to."""
+    return int(sum(np.asarray(arrays[n]).nbytes for n in record_arrays(record, arrays)))
+
+
+def encode_leaf(path: str, leaf: np.ndarray, encoder: LeafEncoder | None, store: Store) -> Record:
+    """The smallest record of a leaf among its encoder's (``"array"`` if none) and candidates'.
+
+    Size is the bytes of the record's arrays plus :data:`ARRAY_OVERHEAD` per array; ties keep
+    the earlier option (the encoder's). Only the chosen record's arrays reach ``store``.
+
+    Raises:
+      ValueError: the encoder rejects the leaf (e.g. a view off its quantization grid).
+    """
+    options = []
+    for i, fn in enumerate([encoder or encode_array, *_CANDIDATES]):
+        staged: dict[str, np.ndarray] = {}
+
+        def stage(array, staged=staged):
+            name = f"\0{len(staged)}"
+            staged[name] = np.asarray(array)
+            return name
+
+        record = fn(path, leaf, stage) if i == 0 else fn(path, leaf, encoder, stage)
+        if record is not None:
+            size = sum(a.nbytes + ARRAY_OVERHEAD for a in staged.values())
+            options.append((size, i, record, staged))
+    _, _, record, staged = min(options, key=lambda o: o[:2])
+    names = {name: store(array) for name, array in staged.items()}
+
+    def rename(node):
+        if isinstance(node, dict):
+            return {k: rename(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rename(v) for v in node]
+        return names.get(node, node) if isinstance(node, str) else node
+
+    return rename(record)
 
 
 def leaf_encoders(params: Any, state: Any) -> list[LeafEncoder | None]:

@@ -6,17 +6,26 @@ state)``; ``artifact.save(path)`` writes one file atomically and :func:`load` re
 checking every checksum. Leaves are encoded as tagged records (:mod:`mixjax.codecs`): quantized
 leaves as ``"int"`` (int8; 4-bit codes two per byte), the others verbatim as ``"array"``.
 
-File format (version 1): a zip archive (stored, not deflated; fixed timestamps, so the bytes are
-reproducible) holding
+Leaves with few distinct values (clustered, pruned, quantized) may become ``"codebook"`` records
+(:mod:`mixjax.codebook_codec`) where those are smaller; :meth:`Artifact.table` lists what each
+leaf costs.
 
-* ``manifest.json``: ``{"format": "mixjax.artifact", "version": 1, "leaves": [{"path": ...,
-  **record}, ...], "arrays": {name: sha256 hex of its member}, "sha256": ...}``, the last field
-  being the sha256 of the canonical JSON (sorted keys, no spaces) of the manifest without it;
-* ``arrays/<name>.npy``: one ``.npy`` file per array, read with ``allow_pickle=False``.
+Two containers hold the same manifest (version 1), chosen by ``compress(..., container=)``:
+
+* ``"zip"``: a zip archive (stored, not deflated; fixed timestamps, so the bytes are
+  reproducible) holding ``manifest.json``: ``{"format": "mixjax.artifact", "version": 1,
+  "leaves": [{"path": ..., **record}, ...], "arrays": {name: sha256 hex of its member},
+  "sha256": ...}``, the last field being the sha256 of the canonical JSON (sorted keys, no
+  spaces) of the manifest without it; and ``arrays/<name>.npy``, one ``.npy`` file per array,
+  read with ``allow_pickle=False``. About 250 bytes per array go to headers.
+* ``"compact"``, for small models where those headers would dominate: the 4 bytes ``MJXA``, a
+  little-endian uint32 ``n``, ``n`` bytes of zlib-deflated canonical JSON ``{"format",
+  "version", "leaves", "arrays": [[name, numpy dtype str, shape], ...]}``, the arrays' raw C-order
+  bytes back to back in that order, and the sha256 (32 raw bytes) of everything before it.
 
 No pickle anywhere. Loading rejects, with an error naming the file: a truncated or corrupted
-archive (zip CRC), a manifest or array whose checksum does not match, an unknown format, a newer
-version, and records that do not decode.
+file (zip CRC, checksums), a manifest or array whose checksum does not match, an unknown format,
+a newer version, and records that do not decode.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -37,12 +47,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from mixjax import codecs, select
+from mixjax import codebook_codec, codecs, select
 from mixjax.core import ParamTransform
 
 FORMAT = "mixjax.artifact"
 VERSION = 1
+CONTAINERS = ("zip", "compact")
+MAGIC = b"MJXA"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_DIGEST = 32
 
 
 def _sha256(data: bytes) -> str:
@@ -74,11 +87,14 @@ class Artifact:
       arrays: the arrays the records name (uint8 packed codes, float32 scales, ...).
       treedef: the parameter tree's structure when made by :func:`compress`; ``None`` after
         :func:`load`, where :meth:`params` builds nested dicts from the paths.
+      container: ``"zip"`` or ``"compact"``, the file layout :meth:`save` writes (module
+        docstring).
     """
 
     leaves: tuple[codecs.Record, ...]
     arrays: Mapping[str, np.ndarray]
     treedef: Any = None
+    container: str = "zip"
 
     def __repr__(self) -> str:
         kinds = [leaf["kind"] for leaf in self.leaves]
@@ -125,8 +141,14 @@ class Artifact:
         """The file contents :meth:`save` writes."""
         return self._bytes
 
+    def table(self) -> codebook_codec.Table:
+        """The per-leaf size table: :func:`mixjax.codebook_codec.table` of this artifact."""
+        return codebook_codec.table(self)
+
     @functools.cached_property
     def _bytes(self) -> bytes:
+        if self.container == "compact":
+            return self._compact_bytes()
         members = {}
         for name, array in sorted(self.arrays.items()):
             buf = io.BytesIO()
@@ -146,9 +168,22 @@ class Artifact:
                 zf.writestr(zipfile.ZipInfo(member, _ZIP_DATE), data)
         return out.getvalue()
 
+    def _compact_bytes(self) -> bytes:
+        names = sorted(self.arrays)
+        arrays = [np.ascontiguousarray(self.arrays[name]) for name in names]
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "leaves": list(self.leaves),
+            "arrays": [[n, a.dtype.str, list(a.shape)] for n, a in zip(names, arrays, strict=True)],
+        }
+        head = zlib.compress(_canonical(manifest), 9)
+        body = b"".join([MAGIC, struct.pack("<I", len(head)), head, *(a.tobytes() for a in arrays)])
+        return body + hashlib.sha256(body).digest()
+
     @property
     def nbytes(self) -> int:
-        """Bytes :meth:`save` writes (the whole file: codes, scales, manifest, zip headers)."""
+        """Bytes :meth:`save` writes (the whole file: codes, scales, manifest, headers)."""
         return len(self._bytes)
 
     def save(self, path: str | os.PathLike) -> str:
@@ -177,26 +212,34 @@ class Artifact:
         return path
 
 
-def compress(params: Any, transform: ParamTransform, state: Any) -> Artifact:
+def compress(
+    params: Any, transform: ParamTransform, state: Any, *, container: str = "zip"
+) -> Artifact:
     """Encodes the view ``transform.apply(params, state)`` leaf by leaf.
 
     Leaves covered by a registered state inside ``state`` (a :class:`mixjax.quant.FakeQuantState`
     or :class:`mixjax.quant.LsqState`, also inside a ``chain`` state) become integer records;
-    the others are stored verbatim.
+    the others are stored verbatim; a leaf with at most 256 distinct values becomes a
+    ``"codebook"`` record instead where that is smaller (:mod:`mixjax.codebook_codec`).
 
     Args:
       params: the parameter tree (e.g. a linen ``params`` dict, not the ``{"params": ...}``
         variables dict, or an ``nnx.State``).
       transform: the transform (e.g. ``fake_quant(4)`` or a ``chain`` ending in it).
       state: its state.
+      container: the file layout, ``"zip"`` or ``"compact"`` (module docstring).
 
     Returns:
       An :class:`Artifact` whose ``params()`` equals the view.
 
     Raises:
       TypeError: ``transform`` is not a ParamTransform.
-      ValueError: a quantized leaf holds NaN/Inf or is not on its grid.
+      ValueError: a quantized leaf holds NaN/Inf or is not on its grid; an unknown container.
     """
+    if container not in CONTAINERS:
+        raise ValueError(
+            f"mixjax.export.compress: container must be one of {CONTAINERS}, got {container!r}"
+        )
     if not isinstance(transform, ParamTransform):
         raise TypeError(
             "mixjax.export.compress: transform must be a ParamTransform, "
@@ -213,26 +256,20 @@ def compress(params: Any, transform: ParamTransform, state: Any) -> Artifact:
     leaves = []
     encoders = codecs.leaf_encoders(view, state)
     for (path, leaf), encoder in zip(select.leaves_with_paths(view), encoders, strict=True):
-        record = (encoder or codecs.encode_array)(path, np.asarray(leaf), store)
+        record = codecs.encode_leaf(path, np.asarray(leaf), encoder, store)
         leaves.append({"path": path, **record})
-    return Artifact(tuple(leaves), arrays, jax.tree.structure(view))
+    return Artifact(tuple(leaves), arrays, jax.tree.structure(view), container)
 
 
-def load(path: str | os.PathLike) -> Artifact:
-    """Reads an artifact written by :meth:`Artifact.save`, verifying it.
+def _check_manifest(manifest: Any, fail) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise fail(f"not a mixjax artifact (format {found!r})")
+    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
+        raise fail(f"format version {manifest.get('version')!r}; this mixjax reads {VERSION}")
 
-    Raises:
-      FileNotFoundError: no such file.
-      ValueError: the file is truncated, corrupted, tampered with (checksums), of another format
-        or a newer version, or holds records that do not decode; the message names the file.
-    """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        blob = f.read()
 
-    def fail(message):
-        return ValueError(f"mixjax.export.load: {path!r}: {message}")
-
+def _read_zip(blob: bytes, fail) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(blob))
         manifest = json.loads(zf.read("manifest.json"))
@@ -240,10 +277,7 @@ def load(path: str | os.PathLike) -> Artifact:
         raise fail("not a mixjax artifact (no manifest.json)") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
         raise fail(f"truncated or corrupted file ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise fail(f"not a mixjax artifact (format {manifest.get('format')!r})")
-    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
-        raise fail(f"format version {manifest.get('version')!r}; this mixjax reads {VERSION}")
+    _check_manifest(manifest, fail)
     claimed = manifest.pop("sha256", None)
     if claimed != _sha256(_canonical(manifest)):
         raise fail("manifest checksum mismatch (the file is corrupted or was modified)")
@@ -261,7 +295,60 @@ def load(path: str | os.PathLike) -> Artifact:
             arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
         except ValueError as err:
             raise fail(f"array {name!r} is not a plain .npy array ({err})") from None
-    artifact = Artifact(tuple(manifest["leaves"]), arrays)
+    return manifest, arrays
+
+
+def _read_compact(blob: bytes, fail) -> tuple[dict, dict[str, np.ndarray]]:
+    body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
+    if len(blob) < len(MAGIC) + 4 + _DIGEST or hashlib.sha256(body).digest() != digest:
+        raise fail("checksum mismatch (the file is truncated, corrupted or was modified)")
+    (size,) = struct.unpack_from("<I", body, len(MAGIC))
+    start = len(MAGIC) + 4
+    try:
+        manifest = json.loads(zlib.decompress(body[start : start + size]))
+    except (zlib.error, ValueError) as err:
+        raise fail(f"corrupted manifest ({err})") from None
+    _check_manifest(manifest, fail)
+    offset, arrays = start + size, {}
+    for entry in manifest.get("arrays") or []:
+        try:
+            name, dtype, shape = entry
+            dtype = np.dtype(dtype)
+            count = int(np.prod(shape, dtype=np.int64))
+            if dtype.kind not in "biuf" or not all(isinstance(n, int) and n >= 0 for n in shape):
+                raise TypeError(f"dtype {dtype}, shape {shape}")
+        except (TypeError, ValueError) as err:
+            raise fail(f"bad array entry {entry!r} ({err})") from None
+        end = offset + count * dtype.itemsize
+        if end > len(body):
+            raise fail(f"array {name!r} runs past the end of the data")
+        arrays[name] = np.frombuffer(body, dtype, count, offset).reshape(shape).copy()
+        offset = end
+    if offset != len(body):
+        raise fail(f"{len(body) - offset} bytes follow the last array")
+    return manifest, arrays
+
+
+def load(path: str | os.PathLike) -> Artifact:
+    """Reads an artifact written by :meth:`Artifact.save` (either container), verifying it.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file is truncated, corrupted, tampered with (checksums), of another format
+        or a newer version, or holds records that do not decode; the message names the file.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        blob = f.read()
+
+    def fail(message):
+        return ValueError(f"mixjax.export.load: {path!r}: {message}")
+
+    compact = blob.startswith(MAGIC)
+    manifest, arrays = (_read_compact if compact else _read_zip)(blob, fail)
+    artifact = Artifact(
+        tuple(manifest["leaves"]), arrays, container="compact" if compact else "zip"
+    )
     for leaf in artifact.leaves:
         try:
             codecs.decode(leaf, arrays)

@@ -341,7 +341,10 @@ def test_record_errors():
     }
     assert codecs.decode(good, arrays).shape == (4, 4)
     cases = [
-        ({"kind": "zstd"}, r"unknown kind 'zstd' \(known: \['array', 'int'"),
+        (
+            {"kind": "zstd"},
+            r"unknown kind 'zstd' \(known: \['array', 'codebook', 'int', 'sparse'\]",
+        ),
         ({"shape": [4, -1]}, r"bad shape \[4, -1\]"),
         ({"dtype": "float99"}, "bad dtype 'float99'"),
         ({"bits": 17}, "bad bits=17"),
