@@ -15,6 +15,7 @@ same rounds for comparison.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -30,8 +31,13 @@ import mixjax
 BLOCK = 10  # steps per timed block; masks update once per block
 
 
+# Every variant donates its carry, as a real train step does (mixjax.train donates too): without
+# donation XLA copies the kept masks out of the lax.cond at every step.
+jit_donating = functools.partial(jax.jit, donate_argnums=0)
+
+
 def plain_step(model, tx):
-    @jax.jit
+    @jit_donating
     def step(carry, images, labels, i):
         params, opt_state = carry
 
@@ -49,7 +55,7 @@ def plain_step(model, tx):
 def mixjax_step(model, tx, pruning):
     wrapped = mixjax.wrap_optax(tx, pruning)
 
-    @jax.jit
+    @jit_donating
     def step(carry, images, labels, i):
         params, opt_state, state = carry
 
@@ -77,7 +83,7 @@ def jaxpruner_step(model, tx):
     )
     wrapped = pruner.wrap_optax(tx)
 
-    @jax.jit
+    @jit_donating
     def step(carry, images, labels, i):
         params, opt_state = carry
 
@@ -117,7 +123,8 @@ def measure(name, model, batch, rounds, with_jaxpruner):
         variants["jaxpruner"] = (step, (params, wrapped.init(params)))
 
     carries = {}
-    for v, (step, carry) in variants.items():  # compile and warm up
+    for v, (step, carry) in variants.items():  # compile and warm up; donation consumes carries
+        carry = jax.tree.map(jnp.copy, carry)
         carries[v] = run_block(step, run_block(step, carry, images, labels, 0), images, labels, 0)
     times = {v: [] for v in variants}
     order = list(variants)

@@ -20,6 +20,7 @@ from mixjax import (
     schedules,
     select,
     share,
+    train,
 )
 from mixjax.core import (
     ConstrainedState,
@@ -60,6 +61,7 @@ __all__ = [
     "schedules",
     "select",
     "share",
+    "train",
     "unconstrained",
     "wrap_optax",
 ]

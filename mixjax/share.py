@@ -96,17 +96,20 @@ def _segment_sum(values, segment_ids, num_segments):
 
 
 def _tie_forward(x, segment_ids, live, num_segments):
+    # Dead entries (e.g. pruned zeros) go to an out-of-range segment that segment_sum drops:
+    # sending them all to one real segment serializes XLA's CPU scatter-add on one address.
+    ids = jnp.where(live, segment_ids, num_segments)
     values = jnp.where(live, x, 0).astype(jnp.float32)
-    counts = _segment_sum(live.astype(jnp.float32), segment_ids, num_segments)
-    means = _segment_sum(values, segment_ids, num_segments) / jnp.maximum(counts, 1.0)
-    out = jnp.where(live, means[segment_ids], 0).astype(x.dtype)
-    return out, (segment_ids, live)
+    counts = _segment_sum(live.astype(jnp.float32), ids, num_segments)
+    means = _segment_sum(values, ids, num_segments) / jnp.maximum(counts, 1.0)
+    out = jnp.where(live, jnp.take(means, ids, mode="clip"), 0).astype(x.dtype)
+    return out, (ids, live)
 
 
 def _tie_backward(num_segments, residuals, g):
-    segment_ids, live = residuals
-    total = _segment_sum(jnp.where(live, g, 0).astype(jnp.float32), segment_ids, num_segments)
-    return jnp.where(live, total[segment_ids], 0).astype(g.dtype), None, None
+    ids, live = residuals
+    total = _segment_sum(jnp.where(live, g, 0).astype(jnp.float32), ids, num_segments)
+    return jnp.where(live, jnp.take(total, ids, mode="clip"), 0).astype(g.dtype), None, None
 
 
 tie.defvjp(_tie_forward, _tie_backward)

@@ -61,6 +61,9 @@ _STEP = "mixjax.train.make_train_step"
 _EVAL = "mixjax.train.make_eval_step"
 _INIT = "mixjax.train.init_train_state"
 _LOSS = "mixjax.train.softmax_cross_entropy"
+_LINEN = "mixjax.train.linen_apply"
+_NNX = "mixjax.train.nnx_apply"
+_STATE = "a mixjax.train.TrainState (from init_train_state)"
 BATCH_KEYS = ("image", "label")
 
 
@@ -97,6 +100,17 @@ class ApplyFn(Protocol):
     a static bool (dropout on, batch statistics updated), ``key`` a ``jax.random`` key for the
     model's randomness. Returns ``(B, num_classes)`` logits and the new ``model_state`` (of the
     same structure; returned unchanged when ``train=False``).
+
+    Activation quantization fits as model state, the observers' statistics::
+
+        act = mixjax.activations.fake_quant(8)
+        base = mixjax.train.linen_apply(module)
+
+        def apply_fn(params, act_state, images, *, train, key):
+            fn = lambda x: base(params, None, x, train=train, key=key)[0]
+            return act.apply(fn, act_state, images, mode="train" if train else "eval")
+
+        model_state = act.init(lambda x: module.apply({"params": params}, x), images)
     """
 
     def __call__(
@@ -121,11 +135,7 @@ def linen_apply(
     Raises:
       TypeError: ``module`` is not a linen module.
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(
-            f"mixjax.train.linen_apply: module must be a flax.linen Module, "
-            f"got {type(module).__name__}"
-        )
+    _expect(isinstance(module, nn.Module), _LINEN, "module", "a flax.linen Module", module)
 
     def apply(params, model_state, images, *, train, key):
         variables = {"params": params, **(model_state or {})}
@@ -154,11 +164,8 @@ def nnx_apply(graphdef: nnx.GraphDef, *, rng_stream: str = "dropout") -> ApplyFn
     Raises:
       TypeError: ``graphdef`` is not an NNX ``GraphDef``.
     """
-    if not isinstance(graphdef, nnx.GraphDef):
-        raise TypeError(
-            "mixjax.train.nnx_apply: graphdef must be an nnx.GraphDef (from nnx.split(model, "
-            f"nnx.Param, ...)), got {type(graphdef).__name__}"
-        )
+    expected = "an nnx.GraphDef (from nnx.split(model, nnx.Param, ...))"
+    _expect(isinstance(graphdef, nnx.GraphDef), _NNX, "graphdef", expected, graphdef)
 
     def apply(params, model_state, images, *, train, key):
         # copy=True: fresh Variables at this trace level, which reseed and BatchNorm may mutate
@@ -212,6 +219,11 @@ def _metrics(logits, labels, per_example):
     return {"loss": jnp.mean(per_example), "accuracy": jnp.mean(correct.astype(jnp.float32))}
 
 
+def _expect(ok: bool, fn_name: str, arg: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise TypeError(f"{fn_name}: {arg} must be {expected}, got {type(value).__name__}")
+
+
 def _check_key(fn_name: str, key: Any) -> None:
     typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     raw = isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,)
@@ -222,38 +234,25 @@ def _check_key(fn_name: str, key: Any) -> None:
         )
 
 
-def _check_transform(fn_name: str, transform: Any) -> None:
-    if not isinstance(transform, ParamTransform):
-        raise TypeError(
-            f"{fn_name}: transform must be a mixjax ParamTransform, got {type(transform).__name__}"
-        )
-
-
-def _check_common(fn_name, apply_fn, transform, preprocess, loss):
-    if not callable(apply_fn):
-        raise TypeError(
-            f"{fn_name}: apply_fn must be callable (see mixjax.train.ApplyFn, linen_apply, "
-            f"nnx_apply), got {type(apply_fn).__name__}"
-        )
-    _check_transform(fn_name, transform)
-    for arg, value in (("preprocess", preprocess), ("loss", loss)):
-        if value is not None and not callable(value):
-            raise TypeError(f"{fn_name}: {arg} must be callable, got {type(value).__name__}")
-
-
 def _check_tx(fn_name: str, tx: Any) -> None:
-    if not (hasattr(tx, "init") and hasattr(tx, "update")):
-        raise TypeError(
-            f"{fn_name}: tx must be an optax GradientTransformation, got {type(tx).__name__}"
-        )
+    ok = hasattr(tx, "init") and hasattr(tx, "update")
+    _expect(ok, fn_name, "tx", "an optax GradientTransformation", tx)
 
 
-def _check_state(fn_name: str, state: Any) -> None:
-    if not isinstance(state, TrainState):
-        raise TypeError(
-            f"{fn_name}: state must be a mixjax.train.TrainState (from init_train_state), "
-            f"got {type(state).__name__}"
-        )
+def _check_transform(fn_name: str, transform: Any) -> None:
+    _expect(
+        isinstance(transform, ParamTransform), fn_name, "transform", "a ParamTransform", transform
+    )
+
+
+def _check_model(fn_name, apply_fn, transform, preprocess, loss):
+    adapters = "callable (a mixjax.train.ApplyFn: linen_apply, nnx_apply)"
+    _expect(callable(apply_fn), fn_name, "apply_fn", adapters, apply_fn)
+    _check_transform(fn_name, transform)
+    _expect(
+        preprocess is None or callable(preprocess), fn_name, "preprocess", "callable", preprocess
+    )
+    _expect(callable(loss), fn_name, "loss", "callable", loss)
 
 
 def _check_batch(fn_name: str, batch: Any, steps_per_call: int) -> None:
@@ -373,18 +372,16 @@ def make_train_step(
         not ``steps_per_call`` (for ``K > 1``), or whose images and labels differ in batch size.
     """
     transform = identity() if transform is None else transform
-    _check_common(_STEP, apply_fn, transform, preprocess, loss)
+    _check_model(_STEP, apply_fn, transform, preprocess, loss)
     _check_tx(_STEP, tx)
-    if augment is not None and not callable(augment):
-        raise TypeError(f"{_STEP}: augment must be callable, got {type(augment).__name__}")
+    _expect(augment is None or callable(augment), _STEP, "augment", "callable", augment)
     if (
         isinstance(steps_per_call, bool)
         or not isinstance(steps_per_call, (int, np.integer))
         or steps_per_call < 1
     ):
         raise ValueError(f"{_STEP}: steps_per_call must be an int >= 1, got {steps_per_call!r}")
-    if not isinstance(donate, bool):
-        raise TypeError(f"{_STEP}: donate must be a bool, got donate={donate!r}")
+    _expect(isinstance(donate, bool), _STEP, "donate", "a bool", donate)
     steps_per_call = int(steps_per_call)
 
     def one_step(state, batch):
@@ -422,7 +419,7 @@ def make_train_step(
         return new_state, _metrics(logits, labels, per_example)
 
     def step(state, batch):
-        _check_state(_STEP, state)
+        _expect(isinstance(state, TrainState), _STEP, "state", _STATE, state)
         _check_batch(_STEP, batch, steps_per_call)
         batch = {k: batch[k] for k in BATCH_KEYS}
         if steps_per_call == 1:
@@ -458,10 +455,10 @@ def make_eval_step(
       ValueError: a batch without ``"image"``/``"label"`` (at the first call).
     """
     transform = identity() if transform is None else transform
-    _check_common(_EVAL, apply_fn, transform, preprocess, loss)
+    _check_model(_EVAL, apply_fn, transform, preprocess, loss)
 
     def eval_step(state, batch):
-        _check_state(_EVAL, state)
+        _expect(isinstance(state, TrainState), _EVAL, "state", _STATE, state)
         _check_batch(_EVAL, batch, 1)
         images, labels = batch["image"], batch["label"]
         if preprocess is not None:
