@@ -190,7 +190,9 @@ def _pruner(
     def apply_fn(params, state):
         check(params, state)
         return jax.tree.map(
-            lambda w, m: w if m is None else w * m.astype(w.dtype), params, state.masks
+            lambda w, m: w if m is None else jnp.where(m, w, jnp.zeros((), w.dtype)),
+            params,
+            state.masks,
         )
 
     def update_fn(params, state, step, *, grads=None, **extra):
