@@ -3,6 +3,7 @@
 from mixjax import (
     activations,
     augment,
+    checkpoint,
     codecs,
     coding,
     data,
@@ -17,6 +18,7 @@ from mixjax import (
     parallel,
     prune,
     quant,
+    replicas,
     schedules,
     select,
     share,
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "quant",
+    "replicas",
     "packing",
     "parallel",
     "observe",
@@ -49,6 +52,7 @@ __all__ = [
     "ParamTransform",
     "apply_updates",
     "augment",
+    "checkpoint",
     "chain",
     "coding",
     "data",

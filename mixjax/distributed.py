@@ -84,8 +84,15 @@ def initialize(
       num_processes: the number of processes ``P >= 1``.
       process_id: this process's index in ``[0, P)``.
       timeout_s: seconds to wait for every process to join before raising.
-      heartbeat_timeout_s: seconds without a heartbeat after which a process counts as dead and
-        the others' collectives fail instead of waiting.
+      heartbeat_timeout_s: seconds without a heartbeat after which a process counts as dead.
+        A process that dies mid-run then ends every survivor within about this bound (a dead
+        coordinator, at once): JAX's coordination service logs ``Terminating process because
+        the JAX distributed service detected fatal errors ... another task died`` (naming the
+        tasks that ``stopped sending heartbeats``) and aborts the process (``SIGABRT``, exit
+        status 134). It is a process exit, not a Python exception, by necessity: the survivor's
+        main thread is blocked inside a collective waiting for the dead peer (gloo on CPU has
+        no timeout of its own), where no Python code runs. Launchers should treat a non-zero
+        exit of any process as the run's failure.
       cpu_collectives: the CPU collectives implementation (``"gloo"``; ``None`` leaves JAX's
         setting alone); ignored by GPU/TPU backends.
 

@@ -14,6 +14,9 @@ Three wrappers of a step ``step(state, batch) -> (state, metrics)`` from
   update.
 * :func:`pmap_step` does the same with ``jax.pmap`` over a replicated state
   (:func:`replicate` / :func:`unreplicate`).
+* :func:`mixjax.replicas.async_data_parallel` builds the step with ``shard_map`` too, but each
+  replica keeps its *local* gradient and acts as an asynchronous worker of its own staleness
+  (per-replica FIFOs split over ``"data"``).
 
 Under ``shard_map``/``pmap`` each replica draws its randomness from ``fold_in(rng, replica)``
 (replicas must not repeat each other's augmentation or dropout), so with random augmentation or
@@ -213,30 +216,47 @@ def replica_apply(apply_fn: Callable, axis_name: str = DATA) -> Callable:
         params = jax.tree.map(lambda p: _replicated(p, axis_name), params)
         logits, model_state = apply_fn(params, model_state, images, train=train, key=key)
         if train and model_state is not None:
-            model_state = jax.tree.map(
-                lambda x: lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                model_state,
-            )
+            model_state = _mean_floats(model_state, axis_name)
         return logits, model_state
 
     return apply
 
 
-def _replica_body(fn_name: str, pure: Callable) -> Callable:
-    """The per-replica step: own randomness, averaged metrics, checked gradient averaging."""
+def _mean_floats(tree: Any, axis_name: str) -> Any:
+    """The floating leaves averaged over the replicas (batch statistics); others as they are."""
+    return jax.tree.map(
+        lambda x: lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def _replica_body(fn_name: str, pure: Callable, *, local_grads: bool = False) -> Callable:
+    """The per-replica step: own randomness, averaged metrics, checked gradient averaging.
+
+    ``local_grads``: the model must *not* average gradients (the optimizer combines the
+    replicas', :func:`async_data_parallel`), and the model state is averaged here.
+    """
 
     def body(state, batch):
         start = len(_REPLICA_TRACES)
         rng = state.rng
         local = state._replace(rng=jax.random.fold_in(rng, lax.axis_index(DATA)))
         new_state, metrics = pure(local, batch)
-        if DATA not in _REPLICA_TRACES[start:]:
+        averaged = DATA in _REPLICA_TRACES[start:]
+        del _REPLICA_TRACES[start:]
+        if local_grads and averaged:
+            raise ValueError(
+                f"{fn_name}: the model averages gradients over the {DATA!r} axis (it is "
+                "replica_apply-wrapped), so replicas have no gradient of their own; pass the "
+                "plain apply_fn"
+            )
+        if not local_grads and not averaged:
             raise ValueError(
                 f"{fn_name}: the step's model does not average gradients over the {DATA!r} "
                 "axis, so replicas would diverge; build the step with "
                 "make_train_step(mixjax.parallel.replica_apply(apply_fn), ...)"
             )
-        del _REPLICA_TRACES[start:]
+        if local_grads and new_state.model_state is not None:
+            new_state = new_state._replace(model_state=_mean_floats(new_state.model_state, DATA))
         return new_state._replace(rng=rng), lax.pmean(metrics, DATA)
 
     return body

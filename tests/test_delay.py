@@ -433,6 +433,32 @@ def test_bfloat16_params_keep_their_dtype(harness):
     np.testing.assert_array_equal(np.asarray(updates[2]["w"], np.float32), -0.5)
 
 
+@pytest.mark.parametrize("harness", HARNESSES)
+@pytest.mark.parametrize("compensation, want_lam", [("dc", 0.04), ("dc_adaptive", 2.0)])
+def test_default_lam_depends_on_the_mode(harness, compensation, want_lam):
+    # DC-ASGD's constant 0.04; lam_0 = 2 for DC-ASGD-a, whose 1/sqrt(MS) normalization makes
+    # 0.04 a no-op (benchmarks/async.py).
+    assert delay.DEFAULT_LAM == {"dc": 0.04, "dc_adaptive": 2.0}
+    rng = np.random.default_rng(2)
+    targets = [rng.normal(size=(4, 3)) for _ in range(8)]
+    grad_fns = [lambda w, c=c: 3.0 * (w - c) for c in targets]
+    w0 = rng.normal(size=(4, 3)).astype(np.float32)
+    tau, lr = 2, 0.2
+    tx = delay.delayed(optax.sgd(lr), tau, compensation=compensation)
+    adaptive = compensation == "dc_adaptive"
+    ref = dc_reference(grad_fns, tau, lr, want_lam, w0, adaptive=adaptive)
+    params = {"w": jnp.asarray(w0)}
+    state = tx.init(params)
+    update = harness(tx.update)
+    for t in range(8):
+        grads = {"w": grad_fns[t](params["w"]).astype(jnp.float32)}
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(params["w"], ref[t + 1], rtol=1e-5, atol=1e-5)
+    plain = dc_reference(grad_fns, tau, lr, 0.0, w0)
+    assert np.max(np.abs(ref[-1] - plain[-1])) > 1e-3
+
+
 def test_docstring_example_runs():
     result = doctest.testmod(delay, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0, result

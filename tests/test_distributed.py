@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -76,6 +77,29 @@ WORKER = (
 )
 
 
+# Process argv[1] takes two steps of a data-parallel computation, then dies without a word (a
+# crash, an OOM kill); the survivor goes on to the next step's collective and must not wait
+# forever for it. (A tiny step: compiling the train step would only slow the test down.)
+DYING_WORKER = WORKER.split("parallel.initialize(")[0] + textwrap.dedent(
+    """
+    parallel.initialize(timeout_s=60, heartbeat_timeout_s=HEARTBEAT_S)
+    import time
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    split = NamedSharding(parallel.make_mesh(), P("data"))
+    step = jax.jit(lambda x: x - jnp.mean(x))
+    x = jax.make_array_from_process_local_data(split, np.arange(2.0))
+    for i in range(1000):
+        x = step(x)
+        print(jax.process_index(), "step", i, float(jnp.sum(x)), flush=True)
+        if i == 1 and jax.process_index() == int(sys.argv[1]):
+            open(sys.argv[2], "w").write(str(time.time()))
+            os._exit(3)
+    """
+)
+HEARTBEAT_S = 3
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,6 +153,46 @@ def test_two_processes_match_one(tmp_path):
         for i, leaf in enumerate(want):
             assert got[f"arr_{i}"].dtype == leaf.dtype
             np.testing.assert_allclose(got[f"arr_{i}"], leaf, rtol=1e-5, atol=1e-6)
+
+
+def test_dead_process_fails_the_survivor_in_bounded_time(tmp_path):
+    """Two runs at once: in one a worker dies, in the other the coordinator (process 0) does."""
+    script = tmp_path / "worker.py"
+    script.write_text(DYING_WORKER.replace("HEARTBEAT_S", str(HEARTBEAT_S)))
+    runs = {}
+    for dies in (1, 0):
+        coordinator, died_at = f"127.0.0.1:{free_port()}", tmp_path / f"died_at{dies}"
+        runs[dies] = (
+            died_at,
+            [
+                subprocess.Popen(
+                    [sys.executable, str(script), str(dies), str(died_at)],
+                    env=worker_env(coordinator, 2, pid),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+                for pid in range(2)
+            ],
+        )
+    try:
+        for dies, (died_at, procs) in runs.items():
+            logs = [proc.communicate(timeout=150)[0] for proc in procs]
+            waited = time.time() - float(died_at.read_text())
+            survivor, log = procs[1 - dies], logs[1 - dies]
+            assert procs[dies].returncode == 3, logs[dies][-3000:]
+            # The runtime ends the survivor (SIGABRT), whose main thread is blocked in a collective.
+            assert survivor.returncode != 0, log[-3000:]
+            assert f"{1 - dies} step 1 " in log
+            assert "Terminating process because the JAX distributed service detected fatal" in log
+            assert "another task died" in log
+            if dies == 1:
+                assert "stopped sending heartbeats" in log
+            assert waited < 10 * HEARTBEAT_S + 15, waited
+    finally:
+        for _, procs in runs.values():
+            for proc in procs:
+                proc.kill()
 
 
 def test_unreachable_coordinator_fails_in_bounded_time():
