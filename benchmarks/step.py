@@ -7,8 +7,8 @@ Adam(1e-3). Variants, all jitted with donated state:
 * ``mixjax``: :func:`mixjax.train.make_train_step` with the identity transform (the wrapper alone);
 * each component alone on top of it: ``prune`` (magnitude 90 %, masks recomputed every 10 steps),
   ``cluster`` (16 clusters, fixed assignments, trained centroids), ``quant`` (8-bit per-channel
-  fake-quant), ``augment`` (flip + pad-2 crop + brightness + mixup), ``delay`` (``delayed(adam,
-  tau=2, compensation="dc")``);
+  fake-quant, scales refreshed every 10 steps like the masks), ``augment`` (flip + pad-2 crop
+  + brightness + mixup), ``delay`` (``delayed(adam, tau=2, compensation="dc")``);
 * ``full``: all of them together (``chain(prune, cluster, quant)``, augmentation, delay).
 
 (b) Steps per call. LeNet-300-100, ``steps_per_call=10`` against 1 for the identity and the full
@@ -69,7 +69,7 @@ def components():
     return {
         "prune": lambda: dict(transform=prune.magnitude(0.9, update_every=BLOCK)),
         "cluster": lambda: dict(transform=share.cluster(16)),
-        "quant": lambda: dict(transform=quant.fake_quant(8)),
+        "quant": lambda: dict(transform=quant.fake_quant(8, update_every=BLOCK)),
         "augment": lambda: dict(
             augment=augment.chain(
                 augment.random_flip(),

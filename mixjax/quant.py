@@ -84,7 +84,9 @@ def qparams(
     ranges observed in a training step give the same codes in :mod:`mixjax.intinfer`.
 
     Args:
-      lo, hi: float arrays of one shape (e.g. per-channel ``(1, ..., 1, C)`` or scalars).
+      lo: float array of the range's lower ends (e.g. per-channel ``(1, ..., 1, C)`` or a
+        scalar).
+      hi: float array of the upper ends, of ``lo``'s shape.
       g: the integer grid.
       symmetric: zero point fixed at 0.
       scale: ``"absmax"`` or ``"minmax"`` (symmetric only; asymmetric is always min/max).
@@ -274,6 +276,7 @@ def fake_quant(
     scale: str | None = None,
     ste: str = "clipped",
     learnable_scale: bool = False,
+    update_every: int = 1,
     where: select.Where = None,
 ) -> ParamTransform:
     """Weight fake-quantization (quantize -> dequantize in ``apply``) as a ParamTransform.
@@ -283,12 +286,17 @@ def fake_quant(
     after clustering it quantizes the codebook values.
 
     Scales: by default they are statistics of the weights, computed by ``init`` and recomputed by
-    ``update`` (every step, on the view of the transforms before it), so the view always uses the
-    range of the parameters it is applied to, as long as ``update`` runs after each optimizer
-    step. With ``learnable_scale=True`` (LSQ) they start at ``2 * mean|w| / sqrt(qmax)`` and are
-    trained: they live in the state (an :class:`LsqState`), ``jax.grad`` reaches them through
-    ``apply`` (gradient scale ``1 / sqrt(N * qmax)``), and :func:`scales` / :func:`with_scales`
-    take them out of, and put them back into, any (e.g. chained) state for the optimizer.
+    ``update`` on the view of the transforms before it, at every step that is a multiple of
+    ``update_every`` (inside ``jit`` via ``lax.cond``, like :func:`mixjax.prune.magnitude`'s
+    masks). With the default ``update_every=1`` the view always uses the range of the parameters
+    it is applied to, as long as ``update`` runs after each optimizer step; with ``k > 1`` the
+    scales lag the weights by up to ``k - 1`` steps (a weight that outgrows its channel's range
+    saturates until the next refresh), which saves the per-step range reductions in a training
+    step (e.g. ``k = 10``, as masks). ``init`` always computes them. With
+    ``learnable_scale=True`` (LSQ) they start at ``2 * mean|w| / sqrt(qmax)`` and are trained:
+    they live in the state (an :class:`LsqState`), ``jax.grad`` reaches them through ``apply``
+    (gradient scale ``1 / sqrt(N * qmax)``), and :func:`scales` / :func:`with_scales` take them
+    out of, and put them back into, any (e.g. chained) state for the optimizer.
 
     Args:
       bits: grid width, 2 to 16 (4 and 8 map to packed int4 / int8 in :mod:`mixjax.export`).
@@ -299,6 +307,9 @@ def fake_quant(
         symmetric, ``"minmax"`` otherwise (the only asymmetric rule).
       ste: ``"clipped"`` or ``"identity"`` straight-through gradient.
       learnable_scale: LSQ step sizes (symmetric only).
+      update_every: ``k >= 1``; ``update`` recomputes the scales at steps ``t`` with
+        ``t % k == 0`` and returns the state unchanged at other steps (ignored with
+        ``learnable_scale``, whose scales are trained).
       where: which leaves to quantize (:mod:`mixjax.select`); default: float kernels, ndim >= 2.
 
     Returns:
@@ -306,9 +317,10 @@ def fake_quant(
       :class:`LsqState`).
 
     Raises:
-      TypeError / ValueError (here): bad ``bits``, ``ste``, ``scale`` or combinations.
+      TypeError / ValueError (here): bad ``bits``, ``ste``, ``scale``, ``update_every`` or
+        combinations.
       ValueError (in ``init``): per-channel scales asked for a leaf with ``ndim < 2``; a selected
-      leaf holds NaN/Inf.
+        leaf holds NaN/Inf.
     """
     name = "mixjax.quant.fake_quant"
     g = grid(bits, narrow_range=narrow_range, fn_name=name)
@@ -327,6 +339,8 @@ def fake_quant(
         raise ValueError(f"{name}: scale must be one of {SCALE_RULES}, got scale={scale!r}")
     if scale == "absmax" and not symmetric:
         raise ValueError(f"{name}: asymmetric quantization uses scale='minmax', got 'absmax'")
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        raise ValueError(f"{name}: update_every must be an integer >= 1, got {update_every!r}")
 
     def weight_qparams(x):
         lo, hi = _range(x, per_channel)
@@ -383,11 +397,18 @@ def fake_quant(
         return jax.tree_util.tree_map_with_path(leaf_fn, params, state.scale, *rest)
 
     def update_fn(params, state, step, **extra):
-        del step, extra
+        del extra
         if learnable_scale:
             return state
         chosen = jax.tree.map(lambda p, s: s is not None, params, state.scale)
-        return _split_pairs(params, select.mirror(lambda p, x: weight_qparams(x), params, chosen))
+
+        def refresh():
+            pairs = select.mirror(lambda p, x: weight_qparams(x), params, chosen)
+            return _split_pairs(params, pairs)
+
+        if update_every == 1:
+            return refresh()
+        return jax.lax.cond(jnp.asarray(step) % update_every == 0, refresh, lambda: state)
 
     return ParamTransform(init_fn, apply_fn, update_fn)
 

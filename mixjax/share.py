@@ -98,10 +98,12 @@ def _segment_sum(values, segment_ids, num_segments):
 def _tie_forward(x, segment_ids, live, num_segments):
     # Dead entries (e.g. pruned zeros) go to an out-of-range segment that segment_sum drops:
     # sending them all to one real segment serializes XLA's CPU scatter-add on one address.
-    ids = jnp.where(live, segment_ids, num_segments)
-    values = jnp.where(live, x, 0).astype(jnp.float32)
-    counts = _segment_sum(live.astype(jnp.float32), ids, num_segments)
-    means = _segment_sum(values, ids, num_segments) / jnp.maximum(counts, 1.0)
+    ids = jnp.where(live, segment_ids, num_segments).astype(jnp.int32)
+    # Sums and counts in one scatter of (value, 1) pairs: XLA's CPU scatter is a serial loop
+    # whose cost is per index, so two scalar scatters cost about twice one of pairs.
+    pairs = jnp.stack([x.astype(jnp.float32).ravel(), jnp.ones(x.size, jnp.float32)], axis=-1)
+    totals = jax.ops.segment_sum(pairs, ids.ravel(), num_segments)
+    means = totals[:, 0] / jnp.maximum(totals[:, 1], 1.0)
     out = jnp.where(live, jnp.take(means, ids, mode="clip"), 0).astype(x.dtype)
     return out, (ids, live)
 

@@ -2,13 +2,14 @@
 
 import colorsys
 import inspect
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixjax import augment
+from mixjax import augment, augment_mix
 
 HARNESSES = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
 KEY = jax.random.key(0)
@@ -325,6 +326,44 @@ def test_mixup_labels_match_pixel_weights():
     np.testing.assert_allclose(np.asarray(soft)[np.arange(n), np.arange(n)], w, atol=1e-5)
     np.testing.assert_allclose(np.asarray(soft)[np.arange(n), prev], 1 - w, atol=1e-5)
     assert len(np.unique(np.round(w, 4))) > 1
+
+
+@pytest.mark.parametrize(
+    "alpha, rounds",
+    [(0.2, None), (1.0, 1), (2.5, None)],
+    ids=["0.2", "1-fallback-half", "2.5-beta"],
+)
+def test_symmetric_beta_is_beta_distributed(alpha, rounds):
+    """The CDF on a grid inside (0, 1) against SciPy's (float32 piles mass at exactly 0 and 1).
+
+    ``rounds=1`` sends about 1 - Gamma(a+1)^2 / Gamma(2a+1) of the examples to the fallback.
+    """
+    import scipy.stats
+
+    n = 40_000
+    draw = jax.jit(lambda k: augment_mix.symmetric_beta(k, alpha, n, rounds=rounds))
+    x = np.asarray(draw(KEY))
+    assert x.shape == (n,) and x.dtype == np.float32
+    assert np.all((x >= 0) & (x <= 1))
+    grid = np.linspace(0.02, 0.98, 25)
+    empirical = (x[:, None] <= grid).mean(axis=0)
+    # 1.63 / sqrt(n) is the 1 % critical value of the Kolmogorov-Smirnov statistic.
+    np.testing.assert_allclose(
+        empirical, scipy.stats.beta(alpha, alpha).cdf(grid), atol=1.63 / np.sqrt(n)
+    )
+    np.testing.assert_array_equal(draw(KEY), x)
+
+
+def test_symmetric_beta_eager_equals_jit():
+    draw = lambda k: augment_mix.symmetric_beta(k, 0.5, 16, rounds=1)
+    np.testing.assert_array_equal(draw(KEY), jax.jit(draw)(KEY))
+
+
+def test_johnk_rounds_bound_the_miss_rate():
+    for alpha in (0.05, 0.2, 0.5, 1.0):
+        accept = np.exp(2 * math.lgamma(alpha + 1) - math.lgamma(2 * alpha + 1))
+        rounds = augment_mix.johnk_rounds(alpha)
+        assert (1 - accept) ** rounds <= 1e-6 < (1 - accept) ** (rounds - 1) or rounds == 1
 
 
 def test_cutmix_labels_match_pixel_fraction_exactly():

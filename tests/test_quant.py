@@ -264,6 +264,40 @@ def test_update_recomputes_scales_from_the_new_params(harness):
     )
 
 
+@pytest.mark.parametrize("harness", HARNESSES)
+def test_update_every_refreshes_scales_only_at_multiples(harness):
+    params = make_params()
+    t = quant.fake_quant(8, update_every=4, per_channel=True)
+    state = t.init(params)
+    doubled = jax.tree.map(lambda x: 2 * x, params)
+    update = harness(t.update)
+    kernel = np.asarray(doubled["Dense_0"]["kernel"])
+    expected = np.abs(kernel).max(axis=0, keepdims=True) / np.float32(127)
+    for step in (0, 4, 8):
+        new = update(doubled, state, jnp.asarray(step))
+        np.testing.assert_allclose(new.scale["Dense_0"]["kernel"], expected, rtol=1e-6)
+        assert new.scale["Dense_0"]["kernel"].dtype == jnp.float32
+    for step in (1, 3, 5, 9):
+        new = update(doubled, state, jnp.asarray(step))
+        for got, old in zip(jax.tree.leaves(new), jax.tree.leaves(state), strict=True):
+            np.testing.assert_array_equal(got, old)
+            assert got.dtype == old.dtype
+
+
+@pytest.mark.parametrize("harness", JIT)
+def test_update_every_one_is_the_per_step_refresh(harness):
+    params = make_params()
+    doubled = jax.tree.map(lambda x: 2 * x, params)
+    every, default = quant.fake_quant(8, update_every=1), quant.fake_quant(8)
+    state = default.init(params)
+    for step in (1, 3):
+        a = harness(every.update)(doubled, state, step)
+        b = harness(default.update)(doubled, state, step)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+        assert not np.array_equal(a.scale["Dense_0"]["kernel"], state.scale["Dense_0"]["kernel"])
+
+
 def masking(mask_tree):
     """A tiny local pruning-like transform: multiplies by a fixed 0/1 mask."""
     return core.ParamTransform(
@@ -399,6 +433,16 @@ def test_nonfinite_weights_under_jit_pass_through_and_do_not_spoil_the_scale():
             dict(learnable_scale=True, scale="absmax"),
             ValueError,
             "scale= does not apply with learnable_scale=True",
+        ),
+        (
+            dict(update_every=0),
+            ValueError,
+            r"fake_quant: update_every must be an integer >= 1, got 0",
+        ),
+        (
+            dict(update_every=2.0),
+            ValueError,
+            r"fake_quant: update_every must be an integer >= 1, got 2.0",
         ),
     ],
 )

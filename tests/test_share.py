@@ -334,6 +334,29 @@ def test_tie_gradient_is_the_segment_sum():
     np.testing.assert_allclose(grads, [4, 2, 4, 0, 11, 11])
 
 
+@pytest.mark.parametrize("harness", HARNESSES)
+def test_tie_matches_a_numpy_loop_in_values_and_gradients(harness):
+    """Random segments, dead entries and a NaN in a dead entry, against per-segment loops."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((12, 10)).astype(np.float32)
+    ids = rng.integers(0, 5, x.shape)
+    live = rng.uniform(size=x.shape) > 0.3
+    x[~live] = np.where(np.arange((~live).sum()) == 0, np.nan, 7.0)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    want, want_grad = np.zeros_like(x), np.zeros_like(x)
+    for s in range(5):
+        members = live & (ids == s)
+        want[members] = x[members].astype(np.float64).mean() if members.any() else 0.0
+        want_grad[members] = g[members].astype(np.float64).sum()
+    tie = harness(lambda x: share.tie(x, jnp.asarray(ids), jnp.asarray(live), 5))
+    got = tie(jnp.asarray(x))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    grad = harness(jax.grad(lambda x: jnp.vdot(share.tie(x, ids, live, 5), g)))(jnp.asarray(x))
+    assert grad.dtype == jnp.float32
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_errors():
     params = _params()
     with pytest.raises(
