@@ -89,12 +89,16 @@ class Artifact:
         :func:`load`, where :meth:`params` builds nested dicts from the paths.
       container: ``"zip"`` or ``"compact"``, the file layout :meth:`save` writes (module
         docstring).
+      metadata: JSON-able dict saved in the manifest under ``"metadata"`` (omitted when
+        empty), e.g. the model name and preprocessing ``mixjax eval`` needs; add it with
+        ``dataclasses.replace(artifact, metadata={...})``.
     """
 
     leaves: tuple[codecs.Record, ...]
     arrays: Mapping[str, np.ndarray]
     treedef: Any = None
     container: str = "zip"
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
         kinds = [leaf["kind"] for leaf in self.leaves]
@@ -159,6 +163,7 @@ class Artifact:
             "version": VERSION,
             "leaves": list(self.leaves),
             "arrays": {name: _sha256(members[f"arrays/{name}.npy"]) for name in self.arrays},
+            **self._metadata_entry(),
         }
         manifest["sha256"] = _sha256(_canonical(manifest))
         out = io.BytesIO()
@@ -168,6 +173,9 @@ class Artifact:
                 zf.writestr(zipfile.ZipInfo(member, _ZIP_DATE), data)
         return out.getvalue()
 
+    def _metadata_entry(self) -> dict[str, Any]:
+        return {"metadata": dict(self.metadata)} if self.metadata else {}
+
     def _compact_bytes(self) -> bytes:
         names = sorted(self.arrays)
         arrays = [np.ascontiguousarray(self.arrays[name]) for name in names]
@@ -176,6 +184,7 @@ class Artifact:
             "version": VERSION,
             "leaves": list(self.leaves),
             "arrays": [[n, a.dtype.str, list(a.shape)] for n, a in zip(names, arrays, strict=True)],
+            **self._metadata_entry(),
         }
         head = zlib.compress(_canonical(manifest), 9)
         body = b"".join([MAGIC, struct.pack("<I", len(head)), head, *(a.tobytes() for a in arrays)])
@@ -346,8 +355,14 @@ def load(path: str | os.PathLike) -> Artifact:
 
     compact = blob.startswith(MAGIC)
     manifest, arrays = (_read_compact if compact else _read_zip)(blob, fail)
+    metadata = manifest.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise fail(f"metadata must be a JSON object, got {type(metadata).__name__}")
     artifact = Artifact(
-        tuple(manifest["leaves"]), arrays, container="compact" if compact else "zip"
+        tuple(manifest["leaves"]),
+        arrays,
+        container="compact" if compact else "zip",
+        metadata=metadata,
     )
     for leaf in artifact.leaves:
         try:

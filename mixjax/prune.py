@@ -251,7 +251,7 @@ def magnitude(
         not tile a kernel. ``apply``/``update``: a state that does not match the params.
       TypeError: a selected leaf is not floating point; a bad ``structure``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, mixjax
       >>> params = {"Dense_0": {"kernel": jnp.arange(1.0, 9.0).reshape(4, 2), "bias": jnp.ones(2)}}
       >>> t = mixjax.prune.magnitude(0.5)
