@@ -47,9 +47,13 @@ class Data:
         "dataset: 'digits' (embedded, offline), a prepared TFDS name, 'idx:DIR' or 'npz:FILE'",
     )
     batch_size: int = _opt(64, "--batch-size", "examples per training step")
-    degrees: float = _opt(10.0, "--degrees", "augmentation: largest random rotation (degrees)")
+    degrees: float = _opt(
+        10.0, "--degrees", "float-stage augmentation: largest random rotation (degrees)"
+    )
     translate: float = _opt(
-        0.125, "--translate", "augmentation: largest random shift (fraction of the image size)"
+        0.125,
+        "--translate",
+        "float-stage augmentation: largest random shift (fraction of the image size)",
     )
 
 
@@ -58,12 +62,12 @@ class Train:
     """The float stage: delayed-gradient (asynchronous) Adam with augmentation."""
 
     model: str = _opt("lenet5", "--model", "model: lenet5, lenet300100 or small_cnn")
-    steps: int = _opt(3000, "--train-steps", "float training steps")
+    steps: int = _opt(5000, "--train-steps", "float training steps")
     lr: float = _opt(3e-3, "--lr", "float-stage peak learning rate (cosine decay to 10%%)")
     weight_decay: float = _opt(1e-3, "--weight-decay", "float-stage AdamW weight decay")
     tau: int = _opt(2, "--tau", "gradient staleness in steps (delayed updates; 0: synchronous)")
     compensation: str = _opt(
-        "dc_adaptive", "--compensation", f"delay compensation: {', '.join(COMPENSATIONS)}"
+        "dc", "--compensation", f"delay compensation: {', '.join(COMPENSATIONS)}"
     )
     lam: float | None = _opt(
         None,
@@ -81,9 +85,11 @@ class Compress:
     """Gradual pruning, then clustering with weight and activation QAT."""
 
     prune_steps: int = _opt(2000, "--prune-steps", "gradual magnitude pruning steps")
-    prune_lr: float = _opt(1e-3, "--prune-lr", "pruning-stage learning rate")
+    prune_lr: float = _opt(
+        1e-3, "--prune-lr", "pruning-stage learning rate (cosine decay to 0 after the ramp)"
+    )
     sparsity: float = _opt(0.95, "--sparsity", "final sparsity of the hidden Dense kernels")
-    conv_sparsity: float = _opt(0.5, "--conv-sparsity", "final sparsity of the Conv kernels")
+    conv_sparsity: float = _opt(0.6, "--conv-sparsity", "final sparsity of the Conv kernels")
     output_sparsity: float = _opt(0.7, "--output-sparsity", "final sparsity of the output layer")
     qat_steps: int = _opt(1000, "--qat-steps", "clustering + quantization-aware fine-tuning steps")
     qat_lr: float = _opt(2e-4, "--qat-lr", "QAT-stage learning rate")

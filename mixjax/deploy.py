@@ -9,10 +9,6 @@ The artifact :mod:`mixjax.pipeline` exports carries, in its manifest's ``"metada
 so :func:`evaluate` rebuilds the linen model (:func:`mixjax.models.create`), the activation
 fake-quantizer with its QAT ranges, and the integer model (:mod:`mixjax.intinfer`) from the file
 alone.
-
-Clustered and quantized kernels are stored as ``"codebook"`` records (smaller), whose values are
-an integer grid; :func:`integer_artifact` re-encodes those as ``"int"`` records, the form
-:func:`mixjax.intinfer.prepare` reads, without changing any value.
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixjax import activations, codecs, data, export, intinfer, models, observe
+from mixjax import activations, data, export, intinfer, models, observe
 
 _NAME = "mixjax.deploy"
 NORMALIZE = {"mean": 0.5, "std": 0.5}
@@ -46,33 +42,6 @@ def metadata(
         "preprocess": dict(NORMALIZE),
         "activations": {"bits": int(act.grid.bits), "ranges": ranges},
     }
-
-
-def integer_artifact(artifact: export.Artifact) -> export.Artifact:
-    """``artifact`` with its integer-valued codebook leaves re-encoded as ``"int"`` records.
-
-    A ``"codebook"`` record whose values are an ``"int"`` record (a symmetric per-tensor grid of
-    at most 8 bits) holds a leaf equal to ``q * scale``; it becomes ``{"kind": "int", ...}``
-    with those codes. Other records are kept.
-    """
-    arrays = dict(artifact.arrays)
-
-    def store(array):
-        name = f"i{len(arrays)}"
-        arrays[name] = np.asarray(array)
-        return name
-
-    leaves = []
-    for record in artifact.leaves:
-        values = record.get("values")
-        if record["kind"] == "codebook" and isinstance(values, dict) and values["kind"] == "int":
-            grid = codecs.decode_int(values, artifact.arrays)
-            if not np.any(grid.zero_point) and values["bits"] <= 8:
-                leaf = codecs.decode(record, artifact.arrays)
-                encode = codecs.int_encoder(grid.scale)
-                record = {"path": record["path"], **encode(record["path"], leaf, store)}
-        leaves.append(record)
-    return export.Artifact(tuple(leaves), arrays, container=artifact.container)
 
 
 def _model(artifact: export.Artifact) -> tuple[Any, Any, activations.ActivationQuant, dict]:
@@ -104,7 +73,7 @@ def forwards(artifact: export.Artifact) -> dict[str, Any]:
     model, params, act, act_state = _model(artifact)
     prep = artifact.metadata.get("preprocess", NORMALIZE)
     fn = lambda x: model.apply({"params": params}, x)  # noqa: E731
-    int_model = intinfer.prepare(integer_artifact(artifact), act, act_state)
+    int_model = intinfer.prepare(artifact, act, act_state)
     norm = lambda x: data.normalize(x, **prep)  # noqa: E731
     return {
         "float": jax.jit(lambda x: fn(norm(x))),

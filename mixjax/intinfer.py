@@ -99,6 +99,34 @@ def _input_quant(act: activations.ActivationQuant, obs: observe.ObserverState) -
     return InputQuant(scale, zero_point, np.int32(act.grid.qmin), np.int32(act.grid.qmax))
 
 
+def _integer_kernel(
+    record: codecs.Record, arrays: dict[str, np.ndarray]
+) -> tuple[codecs.IntTensor, int] | None:
+    """The integer codes and bits of a kernel record, or ``None`` where it has no integer grid.
+
+    Clustered-then-quantized kernels are stored as ``"codebook"`` records (indices into shared
+    values) whose values are themselves an ``"int"`` record: the kernel is exactly
+    ``(q - zero_point) * scale`` on the values' grid, so it is re-encoded on that grid
+    (``int_encoder`` verifies exactness).
+    """
+    if record["kind"] == "int":
+        return codecs.decode_int(record, arrays), record["bits"]
+    values = record.get("values")
+    if record["kind"] != "codebook" or not isinstance(values, dict) or values["kind"] != "int":
+        return None
+    grid = codecs.decode_int(values, arrays)
+    own: dict[str, np.ndarray] = {}
+
+    def store(array: np.ndarray) -> str:
+        name = f"k{len(own)}"
+        own[name] = np.asarray(array)
+        return name
+
+    kernel = codecs.decode(record, arrays)
+    encoded = codecs.int_encoder(grid.scale, grid.zero_point)(record["path"], kernel, store)
+    return codecs.decode_int(encoded, own), encoded["bits"]
+
+
 def prepare(
     artifact: export.Artifact,
     act: activations.ActivationQuant,
@@ -134,7 +162,8 @@ def prepare(
             continue
         inputs = _input_quant(act, obs)
         record = records.get(f"{path}/kernel")
-        if record is None or record["kind"] != "int":
+        integer = None if record is None else _integer_kernel(record, artifact.arrays)
+        if integer is None:
             warnings.warn(
                 f"{name}: layer {path!r} has no quantized kernel in the artifact; it runs in "
                 "float (fake-quant inputs)",
@@ -142,11 +171,11 @@ def prepare(
             )
             layers[path] = IntLayer(inputs, None, None, None, None)
             continue
-        t = codecs.decode_int(record, artifact.arrays)
-        if np.any(t.zero_point) or record["bits"] > 8:
+        t, bits = integer
+        if np.any(t.zero_point) or bits > 8:
             raise ValueError(
                 f"{name}: kernel {path + '/kernel'!r} must be symmetric (zero point 0) with <= 8 "
-                f"bits for the integer path, got bits={record['bits']}, "
+                f"bits for the integer path, got bits={bits}, "
                 f"zero_point={'nonzero' if np.any(t.zero_point) else 0}"
             )
         kernel = t.q.astype(np.int8)

