@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import flax.linen as nn
+import forced_devices
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +37,6 @@ from mixjax import (
 )
 
 DEVICES = 4
-CHILD = "MIXJAX_CHECKPOINT_CHILD"
 CLASSES = 4
 BATCH = 8
 
@@ -299,19 +299,12 @@ def test_errors(tmp_path):
 
 
 @pytest.mark.skipif(
-    jax.device_count() >= DEVICES or CHILD in os.environ, reason="runs the sharded test itself"
+    jax.device_count() >= DEVICES or forced_devices.in_child(),
+    reason="runs the sharded test itself",
 )
 def test_sharded_restore_on_4_cpu_devices():
-    env = {
-        **os.environ,
-        CHILD: "1",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
-        "JAX_PLATFORMS": "cpu",
-    }
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "sharded_state"]
-    done = subprocess.run([*cmd, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert "1 passed" in done.stdout
+    out = forced_devices.rerun(__file__, DEVICES, keyword="sharded_state", timeout=300)
+    assert "1 passed" in out
 
 
 @pytest.mark.skipif(jax.device_count() < DEVICES, reason="needs 4 (forced CPU) devices")

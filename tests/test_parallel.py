@@ -6,11 +6,8 @@ JAX fixes its device count when it starts, so when this process has fewer than 8
 multi-device tests skip here.
 """
 
-import os
-import subprocess
-import sys
-
 import flax.linen as nn
+import forced_devices
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +19,6 @@ import mixjax
 from mixjax import delay, mesh, parallel, prune, quant, schedules, select, share, train
 
 DEVICES = 8
-CHILD = "MIXJAX_PARALLEL_CHILD"
 STEPS = 5
 BATCH = 16
 multi = pytest.mark.skipif(jax.device_count() < DEVICES, reason="needs 8 (forced CPU) devices")
@@ -34,19 +30,11 @@ RULES = [
 
 
 @pytest.mark.skipif(
-    jax.device_count() >= DEVICES or CHILD in os.environ, reason="runs the suite itself"
+    jax.device_count() >= DEVICES or forced_devices.in_child(), reason="runs the suite itself"
 )
 def test_suite_on_8_cpu_devices():
-    env = {
-        **os.environ,
-        CHILD: "1",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
-        "JAX_PLATFORMS": "cpu",
-    }
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and "skipped" in done.stdout
+    out = forced_devices.rerun(__file__, DEVICES)
+    assert " passed" in out and "skipped" in out
 
 
 class MLP(nn.Module):

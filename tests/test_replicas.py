@@ -4,11 +4,8 @@ The multi-device tests run on 8 forced CPU devices in one subprocess (as tests/t
 does); the argument checks run here.
 """
 
-import os
-import subprocess
-import sys
-
 import flax.linen as nn
+import forced_devices
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,26 +16,16 @@ from jax.sharding import PartitionSpec as P
 from mixjax import delay, parallel, prune, replicas, select, train
 
 DEVICES = 8
-CHILD = "MIXJAX_REPLICAS_CHILD"
 STEPS = 5
 BATCH = 16
 multi = pytest.mark.skipif(jax.device_count() < DEVICES, reason="needs 8 (forced CPU) devices")
 
 
 @pytest.mark.skipif(
-    jax.device_count() >= DEVICES or CHILD in os.environ, reason="runs the suite itself"
+    jax.device_count() >= DEVICES or forced_devices.in_child(), reason="runs the suite itself"
 )
 def test_suite_on_8_cpu_devices():
-    env = {
-        **os.environ,
-        CHILD: "1",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
-        "JAX_PLATFORMS": "cpu",
-    }
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout
+    assert " passed" in forced_devices.rerun(__file__, DEVICES)
 
 
 class MLP(nn.Module):
