@@ -176,6 +176,23 @@ def fill_value(fill: float, dtype: Any) -> Array:
     return jnp.asarray(fill, dtype)
 
 
+def materialize(images: Array) -> Array:
+    """``images``, computed into a buffer of their own before the ops that read them run.
+
+    Mixup and cutmix read every example twice (as itself and as its neighbour's partner).
+    Without this, XLA fuses the ops that produced the batch (a crop's gather, colour arithmetic,
+    the per-example random draws) into the blend and evaluates them twice per pixel: on XLA:CPU
+    flip + pad-crop + brightness + mixup cost 1.36x a plain LeNet-300-100 step, and 1.06x with
+    this (``benchmarks/step.py``). ``lax.optimization_barrier`` does not stop fusion there (XLA
+    expands barriers before fusing), but the operand of a conditional is always materialized.
+    So this is a ``lax.cond`` whose branches both return ``images`` (one as a copy, or XLA
+    removes a conditional of two identical branches), on a predicate the compiler cannot fold:
+    the result never depends on which branch runs.
+    """
+    first = images.reshape(-1)[:1].astype(jnp.float32)
+    return jax.lax.cond(jnp.all(first == first), lambda x: x, jnp.copy, images)
+
+
 def expand(values: Array) -> Array:
     """Per-example values ``(N,)`` shaped ``(N, 1, 1, 1)`` to broadcast against NHWC images."""
     return values[:, None, None, None]

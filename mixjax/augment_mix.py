@@ -30,6 +30,7 @@ from mixjax.augment_base import (
     check_size,
     expand,
     fill_value,
+    materialize,
     per_example,
 )
 
@@ -132,7 +133,7 @@ def blend_pairs(
     n = images.shape[0]
     y = as_distribution(name, labels, n, _check_classes(name, num_classes))
     w = per_example(name, "weights", weights, n).astype(jnp.float32)
-    x = images.astype(jnp.float32)
+    x = materialize(images).astype(jnp.float32)
     mixed = expand(w) * x + expand(1.0 - w) * _partners(x)
     if images.dtype == jnp.uint8:
         mixed = jnp.clip(jnp.round(mixed), 0, 255)
@@ -162,6 +163,7 @@ def paste_pairs(
     y = as_distribution(name, labels, n, _check_classes(name, num_classes))
     boxes = per_example(name, "boxes", boxes, n, (4,))
     boxes = jnp.clip(boxes, 0, jnp.asarray([h, w, h, w]))
+    images = materialize(images)
     mixed = jnp.where(box_mask(boxes, (h, w)), _partners(images), images)
     area = jnp.maximum(boxes[:, 2] - boxes[:, 0], 0) * jnp.maximum(boxes[:, 3] - boxes[:, 1], 0)
     own = (1.0 - area / (h * w)).astype(y.dtype)[:, None]

@@ -12,7 +12,12 @@ A :class:`ParamTransform` is a NamedTuple of pure functions over a parameter tre
   transforms ignore extras they do not use;
 * ``constrain(params, state) -> params``: the projection the *stored* parameters must satisfy
   after each optimizer step (pruning zeroes pruned weights; most transforms keep the identity).
-  :func:`wrap_optax` and :func:`apply_updates` apply it.
+  :func:`wrap_optax` and :func:`apply_updates` apply it;
+* ``due(step) -> bool``: whether ``update`` may change the state at ``step`` (a Python bool or
+  a traced bool scalar). Where it is false, ``update`` must return the state unchanged, so
+  :func:`chain` skips the work of building the view that ``update`` would read: a mask
+  refreshed every 10 steps costs its input view once per 10 steps, not every step.
+  :func:`every_step` (the default) for transforms that refresh at each step.
 
 Every function returns a tree with the structure of ``params``.
 """
@@ -46,10 +51,50 @@ class ConstrainFn(Protocol):
     def __call__(self, params: Params, state: State) -> Params: ...
 
 
+class DueFn(Protocol):
+    def __call__(self, step: Step) -> bool | jax.Array: ...
+
+
 def unconstrained(params: Params, state: State) -> Params:
     """The ``constrain`` of transforms that put no constraint on the stored parameters."""
     del state
     return params
+
+
+def every_step(step: Step) -> bool:
+    """The ``due`` of transforms whose ``update`` may change the state at any step."""
+    del step
+    return True
+
+
+def never(step: Step) -> bool:
+    """The ``due`` of transforms whose ``update`` never changes the state."""
+    del step
+    return False
+
+
+def multiples_of(k: int, *, from_step: int = 0) -> DueFn:
+    """The ``due`` of a refresh at the steps ``t >= from_step`` divisible by ``k``.
+
+    Returns a Python bool for a Python int step and a traced bool scalar for a traced one, so
+    :func:`chain` decides statically where it can.
+
+    Raises:
+      ValueError: ``k`` not an integer ``>= 1`` or ``from_step`` not an integer ``>= 0``.
+    """
+    for name, value, low in (("k", k, 1), ("from_step", from_step, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(
+                f"mixjax.multiples_of: {name} must be an integer >= {low}, got {name}={value!r}"
+            )
+
+    def due(step):
+        if isinstance(step, int):
+            return step >= from_step and step % k == 0
+        step = jnp.asarray(step)
+        return (step >= from_step) & (step % k == 0)
+
+    return due
 
 
 class ParamTransform(NamedTuple):
@@ -61,12 +106,15 @@ class ParamTransform(NamedTuple):
       update: ``(params, state, step, **extra) -> state``, jit-able, called every step.
       constrain: ``(params, state) -> params``, the projection stored parameters keep after an
         optimizer step; the identity by default.
+      due: ``step -> bool``, whether ``update`` may change the state at ``step``;
+        :func:`every_step` by default. Where it is false, ``update`` returns the state unchanged.
     """
 
     init: InitFn
     apply: ApplyFn
     update: UpdateFn
     constrain: ConstrainFn = unconstrained
+    due: DueFn = every_step
 
 
 class EmptyState(NamedTuple):
@@ -79,7 +127,13 @@ def identity() -> ParamTransform:
         init=lambda params: EmptyState(),
         apply=lambda params, state: params,
         update=lambda params, state, step, **extra: state,
+        due=never,
     )
+
+
+def _static_bool(value: bool | jax.Array) -> bool | jax.Array:
+    """A Python bool for a concrete ``due``, the tracer itself for a traced one."""
+    return value if isinstance(value, jax.core.Tracer) else bool(value)
 
 
 def chain(*transforms: ParamTransform) -> ParamTransform:
@@ -88,8 +142,11 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
     ``chain(prune, cluster, quantize).apply`` prunes, clusters the pruned view (so clustering can
     keep the zeros) and quantizes the clustered view (so it quantizes the codebook). In
     ``update``, transform ``i`` is refreshed on the view of transforms ``0..i-1`` built from their
-    *refreshed* states, so a mask chosen this step is seen by the clustering after it.
-    ``constrain`` applies each transform's constraint in the same order.
+    *refreshed* states, so a mask chosen this step is seen by the clustering after it. A
+    transform that is not ``due`` keeps its state without that view being built: the view is
+    computed inside a ``lax.cond`` taken only at the steps where it is due (for a traced
+    ``due``), or not at all (where ``due`` is ``False``). ``constrain`` applies each transform's
+    constraint in the same order; ``due`` is true where any transform's is.
 
     The state is a tuple with one entry per transform.
 
@@ -123,14 +180,42 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
             params = t.apply(params, state)
         return params
 
+    def view_before(params, new_states):
+        """``params`` through the first ``len(new_states)`` transforms, with those states."""
+        for t, state in zip(transforms[: len(new_states)], new_states, strict=True):
+            params = t.apply(params, state)
+        return params
+
     def update_fn(params, states, step, **extra):
         check(states)
-        new_states = []
-        for t, state in zip(transforms, states, strict=True):
-            state = t.update(params, state, step, **extra)
-            new_states.append(state)
-            params = t.apply(params, state)
+        new_states: list = []
+        # views[j]: params through transforms[:j] with their new states, built outside any
+        # lax.cond only as far as a transform due at every step needs it.
+        views = [params]
+        for i, (t, state) in enumerate(zip(transforms, states, strict=True)):
+            due = _static_bool(t.due(step))
+            if due is False:
+                new_states.append(state)
+                continue
+            if due is True:
+                for j in range(len(views) - 1, i):
+                    views.append(transforms[j].apply(views[j], new_states[j]))
+                new_states.append(t.update(views[i], state, step, **extra))
+                continue
+            refresh = lambda t=t, state=state, done=tuple(new_states): t.update(
+                view_before(params, done), state, step, **extra
+            )
+            new_states.append(jax.lax.cond(due, refresh, lambda state=state: state))
         return tuple(new_states)
+
+    def due_fn(step):
+        dues = [_static_bool(t.due(step)) for t in transforms]
+        if any(d is True for d in dues):
+            return True
+        traced = [d for d in dues if d is not False]
+        if not traced:
+            return False
+        return jnp.any(jnp.stack([jnp.asarray(d) for d in traced]))
 
     def constrain_fn(params, states):
         check(states)
@@ -138,7 +223,7 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
             params = t.constrain(params, state)
         return params
 
-    return ParamTransform(init_fn, apply_fn, update_fn, constrain_fn)
+    return ParamTransform(init_fn, apply_fn, update_fn, constrain_fn, due_fn)
 
 
 class ConstrainedState(NamedTuple):

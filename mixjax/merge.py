@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixjax import select, share
-from mixjax.core import Params, ParamTransform
+from mixjax.core import Params, ParamTransform, multiples_of, never
 
 # Cosines are float32 dot products: a unit compared with an identical copy may land a few ulps
 # under 1, and threshold=1.0 must still merge exact duplicates.
@@ -201,11 +201,10 @@ def merge_similar(
         del extra
         if update_every is None:
             return state
-        step = jnp.asarray(step)
-        due = (step > 0) & (step % update_every == 0)
-        return jax.lax.cond(due, lambda: group_tree(params), lambda: state)
+        return jax.lax.cond(due(jnp.asarray(step)), lambda: group_tree(params), lambda: state)
 
-    return ParamTransform(init_fn, apply_fn, update_fn)
+    due = never if update_every is None else multiples_of(update_every, from_step=1)
+    return ParamTransform(init_fn, apply_fn, update_fn, due=due)
 
 
 def remove_merged(

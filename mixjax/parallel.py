@@ -38,7 +38,7 @@ Example::
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -63,6 +63,16 @@ from mixjax.mesh import (
     state_shardings,
     state_specs,
 )
+from mixjax.replica_body import (
+    Step,
+    check_mesh,
+    check_steps_per_call,
+    mean_floats,
+    note_gradient_averaging,
+    pure_step,
+    replica_body,
+    signature,
+)
 
 __all__ = [
     "DATA",
@@ -85,41 +95,6 @@ __all__ = [
     "state_specs",
     "unreplicate",
 ]
-
-Step = Callable[[Any, Mapping[str, Any]], tuple[Any, dict[str, jax.Array]]]
-# Axis names a replica_apply model was traced under, so the wrappers can tell a step whose
-# gradients would silently differ between replicas from one that averages them.
-_REPLICA_TRACES: list[str] = []
-
-
-def _pure(fn_name: str, step: Any) -> Callable:
-    if not callable(step):
-        raise TypeError(f"{fn_name}: step must be callable, got {type(step).__name__}")
-    return getattr(step, "__wrapped__", step)
-
-
-def _check_mesh(fn_name: str, mesh: Any) -> Mesh:
-    if not isinstance(mesh, Mesh) or DATA not in mesh.shape:
-        raise TypeError(
-            f"{fn_name}: mesh must be a jax.sharding.Mesh with a {DATA!r} axis (see "
-            f"mixjax.parallel.make_mesh), got {getattr(mesh, 'shape', type(mesh).__name__)}"
-        )
-    return mesh
-
-
-def _check_k(fn_name: str, steps_per_call: Any) -> int:
-    if (
-        isinstance(steps_per_call, bool)
-        or not isinstance(steps_per_call, (int, np.integer))
-        or steps_per_call < 1
-    ):
-        raise ValueError(f"{fn_name}: steps_per_call must be an int >= 1, got {steps_per_call!r}")
-    return int(steps_per_call)
-
-
-def _signature(state: Any) -> tuple:
-    leaves, treedef = jax.tree.flatten(state)
-    return treedef, tuple((np.shape(x), getattr(x, "dtype", None)) for x in leaves)
 
 
 def data_parallel(
@@ -147,15 +122,15 @@ def data_parallel(
         axis; a rule spec that does not divide its parameter.
     """
     fn_name = "mixjax.parallel.data_parallel"
-    pure = _pure(fn_name, step)
-    mesh = _check_mesh(fn_name, mesh)
+    pure = pure_step(fn_name, step)
+    mesh = check_mesh(fn_name, mesh)
     check_rules(fn_name, rules, mesh)
-    steps_per_call = _check_k(fn_name, steps_per_call)
+    steps_per_call = check_steps_per_call(fn_name, steps_per_call)
     replicated = NamedSharding(mesh, PartitionSpec())
     compiled: dict[tuple, tuple[Any, Callable]] = {}
 
     def wrapped(state, batch):
-        key = _signature(state)
+        key = signature(state)
         if key not in compiled:
             shardings = state_shardings(state, mesh, rules)
             jitted = jax.jit(
@@ -212,54 +187,14 @@ def replica_apply(apply_fn: Callable, axis_name: str = DATA) -> Callable:
         raise TypeError(f"{fn_name}: axis_name must be a str, got {axis_name!r}")
 
     def apply(params, model_state, images, *, train, key):
-        _REPLICA_TRACES.append(axis_name)
+        note_gradient_averaging(axis_name)
         params = jax.tree.map(lambda p: _replicated(p, axis_name), params)
         logits, model_state = apply_fn(params, model_state, images, train=train, key=key)
         if train and model_state is not None:
-            model_state = _mean_floats(model_state, axis_name)
+            model_state = mean_floats(model_state, axis_name)
         return logits, model_state
 
     return apply
-
-
-def _mean_floats(tree: Any, axis_name: str) -> Any:
-    """The floating leaves averaged over the replicas (batch statistics); others as they are."""
-    return jax.tree.map(
-        lambda x: lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-    )
-
-
-def _replica_body(fn_name: str, pure: Callable, *, local_grads: bool = False) -> Callable:
-    """The per-replica step: own randomness, averaged metrics, checked gradient averaging.
-
-    ``local_grads``: the model must *not* average gradients (the optimizer combines the
-    replicas', :func:`async_data_parallel`), and the model state is averaged here.
-    """
-
-    def body(state, batch):
-        start = len(_REPLICA_TRACES)
-        rng = state.rng
-        local = state._replace(rng=jax.random.fold_in(rng, lax.axis_index(DATA)))
-        new_state, metrics = pure(local, batch)
-        averaged = DATA in _REPLICA_TRACES[start:]
-        del _REPLICA_TRACES[start:]
-        if local_grads and averaged:
-            raise ValueError(
-                f"{fn_name}: the model averages gradients over the {DATA!r} axis (it is "
-                "replica_apply-wrapped), so replicas have no gradient of their own; pass the "
-                "plain apply_fn"
-            )
-        if not local_grads and not averaged:
-            raise ValueError(
-                f"{fn_name}: the step's model does not average gradients over the {DATA!r} "
-                "axis, so replicas would diverge; build the step with "
-                "make_train_step(mixjax.parallel.replica_apply(apply_fn), ...)"
-            )
-        if local_grads and new_state.model_state is not None:
-            new_state = new_state._replace(model_state=_mean_floats(new_state.model_state, DATA))
-        return new_state._replace(rng=rng), lax.pmean(metrics, DATA)
-
-    return body
 
 
 def shard_map_step(step: Step, mesh: Mesh, *, steps_per_call: int = 1, donate: bool = True) -> Step:
@@ -284,11 +219,11 @@ def shard_map_step(step: Step, mesh: Mesh, *, steps_per_call: int = 1, donate: b
         :func:`replica_apply`-wrapped (first call, while tracing).
     """
     fn_name = "mixjax.parallel.shard_map_step"
-    pure = _pure(fn_name, step)
-    mesh = _check_mesh(fn_name, mesh)
-    steps_per_call = _check_k(fn_name, steps_per_call)
+    pure = pure_step(fn_name, step)
+    mesh = check_mesh(fn_name, mesh)
+    steps_per_call = check_steps_per_call(fn_name, steps_per_call)
     mapped = jax.shard_map(
-        _replica_body(fn_name, pure),
+        replica_body(fn_name, pure),
         mesh=mesh,
         in_specs=(PartitionSpec(), batch_spec(steps_per_call)),
         out_specs=(PartitionSpec(), PartitionSpec()),
@@ -339,12 +274,12 @@ def pmap_step(
       TypeError / ValueError: as :func:`shard_map_step`, with the data axis of size ``n``.
     """
     fn_name = "mixjax.parallel.pmap_step"
-    pure = _pure(fn_name, step)
-    steps_per_call = _check_k(fn_name, steps_per_call)
+    pure = pure_step(fn_name, step)
+    steps_per_call = check_steps_per_call(fn_name, steps_per_call)
     devices = jax.local_devices() if devices is None else list(devices)
     n = len(devices)
     mapped = jax.pmap(
-        _replica_body(fn_name, pure),
+        replica_body(fn_name, pure),
         axis_name=DATA,
         devices=devices,
         donate_argnums=(0,) if donate else (),

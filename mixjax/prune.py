@@ -34,7 +34,7 @@ from jax import lax
 
 from mixjax import schedules, select
 from mixjax import sparsity as sparsity_ops
-from mixjax.core import ParamTransform
+from mixjax.core import ParamTransform, multiples_of
 from mixjax.sparsity import NM, UNSTRUCTURED, Block, Channel, Structure, Unstructured
 
 SCOPES = ("uniform", "erk", "global")
@@ -117,9 +117,8 @@ def _new_masks(rule: _Rule, params, masks, step, grads, key, sparsity):
 
 
 def _refresh(rule: _Rule, params, masks, step, grads, key, sparsity):
-    due = jnp.asarray(step) % rule.update_every == 0
     return lax.cond(
-        due,
+        multiples_of(rule.update_every)(jnp.asarray(step)),
         lambda *args: _new_masks(rule, *args),
         lambda p, m, *rest: m,
         params,
@@ -204,7 +203,7 @@ def _pruner(
             select.check_mirror(fn_name, params, grads, "grads")
         return PruneState(_refresh_jit(rule, params, state.masks, step, grads, key, level))
 
-    return ParamTransform(init_fn, apply_fn, update_fn, apply_fn)
+    return ParamTransform(init_fn, apply_fn, update_fn, apply_fn, multiples_of(update_every))
 
 
 def _magnitude_score(key, index, w, g):

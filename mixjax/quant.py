@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixjax import select
-from mixjax.core import ParamTransform
+from mixjax.core import ParamTransform, every_step, multiples_of, never
 
 TINY = float(np.finfo(np.float32).tiny)
 STE_RULES = ("clipped", "identity")
@@ -408,9 +408,13 @@ def fake_quant(
 
         if update_every == 1:
             return refresh()
-        return jax.lax.cond(jnp.asarray(step) % update_every == 0, refresh, lambda: state)
+        return jax.lax.cond(due(jnp.asarray(step)), refresh, lambda: state)
 
-    return ParamTransform(init_fn, apply_fn, update_fn)
+    if learnable_scale:
+        due = never
+    else:
+        due = every_step if update_every == 1 else multiples_of(update_every)
+    return ParamTransform(init_fn, apply_fn, update_fn, due=due)
 
 
 def _split_pairs(params: Any, pairs: Any) -> FakeQuantState:

@@ -47,7 +47,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mixjax import delay, train
 from mixjax.core import ParamTransform, identity
 from mixjax.mesh import DATA, batch_spec, put, shard_batch
-from mixjax.parallel import Step, _check_k, _check_mesh, _pure, _replica_body, _signature
+from mixjax.replica_body import (
+    Step,
+    check_mesh,
+    check_steps_per_call,
+    pure_step,
+    replica_body,
+    signature,
+)
 
 _NAME = "mixjax.replicas.replica_delayed"
 
@@ -228,12 +235,8 @@ def replica_delayed(
         contributing = lax.psum(valid.astype(jnp.int32), axis_name)
         total = lax.psum(jax.tree.map(lambda g: jnp.where(valid, g, 0), stale), axis_name)
         average = jax.tree.map(lambda g: g / jnp.maximum(contributing, 1).astype(g.dtype), total)
-        new_updates, inner_state = inner.update(average, state.inner_state, params, **extra)
-        # A select rather than lax.cond, as in mixjax.delay: it fuses with the optimizer.
-        started = contributing > 0
-        new_updates = jax.tree.map(lambda u: jnp.where(started, u, 0), new_updates)
-        inner_state = jax.tree.map(
-            lambda new, old: jnp.where(started, new, old), inner_state, state.inner_state
+        new_updates, inner_state = delay.update_once_started(
+            inner, average, state.inner_state, params, contributing > 0, **extra
         )
         new_state = ReplicaDelayState(
             count=count + 1,
@@ -352,8 +355,8 @@ def async_data_parallel(
         :func:`mixjax.parallel.replica_apply`.
     """
     fn_name = "mixjax.replicas.async_data_parallel"
-    mesh = _check_mesh(fn_name, mesh)
-    steps_per_call = _check_k(fn_name, steps_per_call)
+    mesh = check_mesh(fn_name, mesh)
+    steps_per_call = check_steps_per_call(fn_name, steps_per_call)
     transform = identity() if transform is None else transform
     if isinstance(transform, ParamTransform):  # anything else: make_train_step's TypeError
         transform = _fresh_mean_grads(transform)
@@ -367,7 +370,7 @@ def async_data_parallel(
         steps_per_call=steps_per_call,
         donate=False,
     )
-    body = _replica_body(fn_name, _pure(fn_name, step), local_grads=True)
+    body = replica_body(fn_name, pure_step(fn_name, step), local_grads=True)
     replicas = mesh.shape[DATA]
     compiled: dict[tuple, tuple[Any, Callable]] = {}
 
@@ -387,7 +390,7 @@ def async_data_parallel(
             )
 
     def wrapped(state, batch):
-        key = _signature(state)
+        key = signature(state)
         if key not in compiled:
             check_state(state)
             specs = replica_specs(state)

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixjax import kmeans, select
-from mixjax.core import Params, ParamTransform
+from mixjax.core import Params, ParamTransform, multiples_of, never
 
 MODES = ("fixed", "reassign")
 
@@ -313,10 +313,12 @@ def cluster(
         chosen = selected(params)
         step = jnp.asarray(step)
         step_key = None if key is None else jax.random.fold_in(key, step)
-        due = (step > 0) & (step % update_every == 0)
-        return jax.lax.cond(due, lambda: cluster_tree(step_key, params, chosen), lambda: state)
+        return jax.lax.cond(
+            due(step), lambda: cluster_tree(step_key, params, chosen), lambda: state
+        )
 
-    return ParamTransform(init_fn, apply_fn, update_fn)
+    due = never if update_every is None else multiples_of(update_every, from_step=1)
+    return ParamTransform(init_fn, apply_fn, update_fn, due=due)
 
 
 class Codebook(NamedTuple):

@@ -328,6 +328,48 @@ def test_mixup_labels_match_pixel_weights():
     assert len(np.unique(np.round(w, 4))) > 1
 
 
+@pytest.mark.parametrize("harness", HARNESSES)
+def test_materialize_returns_its_input_exactly(harness):
+    from mixjax.augment_base import materialize
+
+    floats = images_f32().at[0, 0, 0, 0].set(jnp.nan)  # NaN first: the copy branch runs
+    for x in (images_u8(), images_f32(), floats, -images_f32()):
+        got = harness(materialize)(x)
+        assert got.dtype == x.dtype
+        np.testing.assert_array_equal(got, x)
+    grad = jax.grad(lambda x: jnp.sum(materialize(x) * 3.0))(images_f32())
+    np.testing.assert_array_equal(grad, np.full((N, H, W, C), 3.0, np.float32))
+
+
+def test_pair_ops_keep_one_materialized_batch_in_the_compiled_program(monkeypatch):
+    """The batch a geometric + colour chain produced is computed once, not once per read.
+
+    XLA keeps the ``lax.cond`` of ``materialize`` in the optimized program (it would inline or
+    drop a conditional with a foldable predicate or two identical branches, and then fuse the
+    producers into both reads of the pair ops).
+    """
+    labels = jnp.arange(N) % 4
+    produce = augment.chain(augment.random_crop(padding=1), augment.random_brightness(0.2))
+    pairs = {
+        "blend": lambda x, y: augment_mix.blend_pairs(x, y, jnp.linspace(0, 1, N), num_classes=4),
+        "paste": lambda x, y: augment_mix.paste_pairs(
+            x, y, jnp.asarray([1, 1, 4, 3]), num_classes=4
+        ),
+    }
+
+    def conditionals(pair):
+        fn = lambda k, x, y: pair(*produce(k, x, y))
+        return (
+            jax.jit(fn).lower(KEY, images_u8(), labels).compile().as_text().count(" conditional(")
+        )
+
+    for pair in pairs.values():
+        kept = conditionals(pair)
+        with monkeypatch.context() as patch:
+            patch.setattr(augment_mix, "materialize", lambda x: x)
+            assert kept == conditionals(pair) + 1
+
+
 @pytest.mark.parametrize(
     "alpha, rounds",
     [(0.2, None), (1.0, 1), (2.5, None)],

@@ -71,6 +71,99 @@ def test_chain_update_sees_refreshed_previous_view():
     assert float(state[1]) == pytest.approx(base + 2 * kernels)  # the view after count -> 1
 
 
+def sine_view():
+    """A stateless transform whose view is ``sin`` of every leaf (a primitive easy to spot)."""
+    return mixjax.ParamTransform(
+        init=lambda p: mixjax.EmptyState(),
+        apply=lambda p, s: jax.tree.map(jnp.sin, p),
+        update=lambda p, s, step, **extra: s,
+        due=mixjax.never,
+    )
+
+
+def due_recorder(due):
+    """``recorder`` refreshed only where ``due``: the sum of the view at its last refresh."""
+    return recorder()._replace(due=due)
+
+
+def test_multiples_of():
+    every3 = mixjax.multiples_of(3)
+    assert [every3(t) for t in range(7)] == [True, False, False, True, False, False, True]
+    assert all(isinstance(every3(t), bool) for t in range(4))
+    from1 = mixjax.multiples_of(2, from_step=1)
+    assert [from1(t) for t in range(5)] == [False, False, True, False, True]
+    traced = jax.jit(lambda t: from1(t))
+    assert [bool(traced(t)) for t in range(5)] == [False, False, True, False, True]
+    assert mixjax.every_step(5) is True and mixjax.never(5) is False
+    with pytest.raises(
+        ValueError, match=r"mixjax.multiples_of: k must be an integer >= 1, got k=0"
+    ):
+        mixjax.multiples_of(0)
+    with pytest.raises(ValueError, match=r"from_step must be an integer >= 0, got from_step=-1"):
+        mixjax.multiples_of(2, from_step=-1)
+    with pytest.raises(ValueError, match=r"k must be an integer >= 1, got k=True"):
+        mixjax.multiples_of(True)
+
+
+def test_chain_update_with_due_equals_refreshing_in_turn():
+    """Built-in transforms with schedules: the chain equals refreshing each one in turn.
+
+    Under jit only: eagerly, every ``lax.cond`` compiles anew at each call
+    (``test_chain_builds_the_view_of_a_due_transform_only_inside_its_cond`` runs eagerly).
+    """
+    transforms = (
+        mixjax.prune.magnitude(0.5, update_every=3),
+        mixjax.merge.merge_similar(0.9, update_every=4),
+        mixjax.quant.fake_quant(4, update_every=2),
+    )
+    chained = mixjax.chain(*transforms)
+    state = expected = chained.init(params())
+    update = jax.jit(chained.update)
+    # The reference: each transform refreshed on the view of those before it (jitted once).
+    steps = [(jax.jit(t.update), jax.jit(t.apply)) for t in transforms]
+    for t in range(5):  # prune due at 0 and 3, merging at 4, quant at 0, 2 and 4
+        p = jax.tree.map(lambda x, t=t: x * 0.9 + 0.05 * t, params())
+        state = update(p, state, t)
+        view, refreshed = p, []
+        for (refresh, apply), s in zip(steps, expected, strict=True):
+            s = refresh(view, s, t)
+            refreshed.append(s)
+            view = apply(view, s)
+        expected = tuple(refreshed)
+        chex.assert_trees_all_close(state, expected, rtol=1e-6)
+
+
+def test_chain_skips_transforms_that_are_not_due():
+    def refuse(p, s, step, **extra):
+        raise AssertionError("update of a transform that is not due")
+
+    quiet = mixjax.ParamTransform(
+        init=lambda p: mixjax.EmptyState(), apply=lambda p, s: p, update=refuse, due=mixjax.never
+    )
+    chained = mixjax.chain(counter(2.0), quiet)
+    state = chained.update(params(), chained.init(params()), 0)
+    assert int(state[0]) == 1
+    assert chained.due(0) is True
+    assert mixjax.chain(quiet, mixjax.identity()).due(0) is False
+
+
+def test_chain_builds_the_view_of_a_due_transform_only_inside_its_cond():
+    chained = mixjax.chain(sine_view(), due_recorder(mixjax.multiples_of(10)))
+    state = chained.init(params())
+    jaxpr = jax.make_jaxpr(lambda p, s, t: chained.update(p, s, t))(params(), state, 3).jaxpr
+    top = [e.primitive.name for e in jaxpr.eqns]
+    assert "sin" not in top and "cond" in top
+    cond = next(e for e in jaxpr.eqns if e.primitive.name == "cond")
+    branches = [[e.primitive.name for e in b.jaxpr.eqns] for b in cond.params["branches"]]
+    assert any("sin" in names for names in branches)
+    # ... and the refresh is the sum of the sine view, at due steps only.
+    view_sum = sum(float(jnp.sum(jnp.sin(x))) for x in jax.tree.leaves(params()))
+    for update in (chained.update, jax.jit(chained.update)):
+        assert float(update(params(), state, 10)[1]) == pytest.approx(view_sum, rel=1e-6)
+        assert float(update(params(), state, 3)[1]) == pytest.approx(float(state[1]))
+    assert bool(jax.jit(chained.due)(10)) and not bool(jax.jit(chained.due)(3))
+
+
 def test_chain_constrain_in_order_and_identity():
     pin = mixjax.ParamTransform(
         init=lambda p: mixjax.EmptyState(),

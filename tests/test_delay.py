@@ -420,6 +420,35 @@ def test_ring_buffers_update_in_place(compensation):
     assert not copies, copies
 
 
+@pytest.mark.parametrize("compensation", [None, "dc"])
+def test_inner_moments_update_in_place(compensation):
+    # Selecting the new or the old Adam state made XLA copy the donated moments (and params)
+    # every step; update_once_started's lax.cond must compile to no copy of a (6, 7) buffer.
+    params = {"w": jnp.zeros((6, 7))}
+    tx = delay.delayed(optax.adam(0.1), 2, compensation=compensation)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+    copies = [line for line in compiled.as_text().splitlines() if "f32[6,7]{1,0} copy(" in line]
+    assert not copies, copies
+
+
+@pytest.mark.parametrize("harness", HARNESSES)
+def test_update_once_started(harness):
+    inner = optax.with_extra_args_support(optax.adam(0.1))
+    params = small_params()
+    grads, state = ramp(params, 2), inner.init(params)
+    run = harness(lambda started: delay.update_once_started(inner, grads, state, params, started))
+    updates, kept = run(jnp.asarray(False))
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, grads))
+    chex.assert_trees_all_equal(kept, state)
+    want = inner.update(grads, state, params)
+    chex.assert_trees_all_close(run(jnp.asarray(True)), want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("harness", HARNESSES)
 def test_bfloat16_params_keep_their_dtype(harness):
     params = {"w": jnp.ones((3, 2), jnp.bfloat16)}
