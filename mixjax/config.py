@@ -46,7 +46,7 @@ class Data:
         "--dataset",
         "dataset: 'digits' (embedded, offline), a prepared TFDS name, 'idx:DIR' or 'npz:FILE'",
     )
-    batch_size: int = _opt(64, "--batch-size", "examples per training step")
+    batch_size: int = _opt(128, "--batch-size", "examples per float-stage training step")
     degrees: float = _opt(
         10.0, "--degrees", "float-stage augmentation: largest random rotation (degrees)"
     )
@@ -63,7 +63,7 @@ class Train:
 
     model: str = _opt("lenet5", "--model", "model: lenet5, lenet300100 or small_cnn")
     steps: int = _opt(5000, "--train-steps", "float training steps")
-    lr: float = _opt(3e-3, "--lr", "float-stage peak learning rate (cosine decay to 10%%)")
+    lr: float = _opt(3e-3, "--lr", "float-stage peak learning rate (cosine decay to 0)")
     weight_decay: float = _opt(1e-3, "--weight-decay", "float-stage AdamW weight decay")
     tau: int = _opt(2, "--tau", "gradient staleness in steps (delayed updates; 0: synchronous)")
     compensation: str = _opt(
@@ -84,6 +84,9 @@ class Train:
 class Compress:
     """Gradual pruning, then clustering with weight and activation QAT."""
 
+    batch_size: int = _opt(
+        128, "--compress-batch-size", "examples per training step of the prune and QAT stages"
+    )
     prune_steps: int = _opt(2000, "--prune-steps", "gradual magnitude pruning steps")
     prune_lr: float = _opt(
         1e-3, "--prune-lr", "pruning-stage learning rate (cosine decay to 0 after the ramp)"
@@ -210,7 +213,8 @@ def validate(config: Config) -> Config:
     """
     d, t, c, r = config.data, config.train, config.compress, config.run
     k = t.steps_per_call
-    for key, value in [("data.batch_size", d.batch_size), ("train.steps_per_call", k)]:
+    batches = [("data.batch_size", d.batch_size), ("compress.batch_size", c.batch_size)]
+    for key, value in [*batches, ("train.steps_per_call", k)]:
         _check(value >= 1, key, ">= 1", value)
     for key, value in [("train.tau", t.tau), ("train.weight_decay", t.weight_decay)]:
         _check(value >= 0, key, ">= 0", value)
@@ -247,12 +251,8 @@ def validate(config: Config) -> Config:
     _check(bool(r.output), "run.output", "a non-empty path", r.output)
     _check(r.seed >= 0, "run.seed", ">= 0", r.seed)
     _check(r.devices >= 1, "run.devices", ">= 1", r.devices)
-    _check(
-        d.batch_size % r.devices == 0,
-        "data.batch_size",
-        f"divisible by devices={r.devices}",
-        d.batch_size,
-    )
+    for key, value in batches:
+        _check(value % r.devices == 0, key, f"divisible by devices={r.devices}", value)
     return config
 
 

@@ -4,8 +4,10 @@
 running ``steps_per_call`` steps per dispatch with delayed-gradient Adam (``tau`` steps stale,
 DC-ASGD compensation):
 
-1. ``float``: the dense model (AdamW, cosine-decayed learning rate) with on-device augmentation
-   (small random rotations and shifts, no flips);
+1. ``float``: the dense model (AdamW, learning rate cosine-decayed to 0) with on-device
+   augmentation (small random rotations and shifts, no flips), batches of ``data.batch_size``
+   (128: on the digits, 64 left the float accuracy at 96.4-98.3 % across seeds, 128 at
+   97.5-98.3 %); the compression stages below take batches of ``compress.batch_size``;
 2. ``prune``: gradual magnitude pruning (Zhu & Gupta polynomial schedule reaching its final
    sparsity at 40% of the stage, per layer kind: hidden Dense, Conv, output Dense), then
    fine-tuning of the final masks with the learning rate decaying to zero (cosine);
@@ -208,7 +210,8 @@ def _train(stage: _Stage, cfg, train_set, *, resume, progress, stop_after, out) 
         with open(history_path) as f:
             history = [h for h in json.load(f) if h["step"] <= start]
     seed = cfg.run.seed * len(STAGES) + STAGES.index(stage.name)
-    groups = data.stacked_batches(train_set, cfg.data.batch_size, k, seed=seed, epochs=None)
+    batch = cfg.data.batch_size if stage.name == "float" else cfg.compress.batch_size
+    groups = data.stacked_batches(train_set, batch, k, seed=seed, epochs=None)
     bar = tqdm(
         total=stage.steps,
         initial=start,
@@ -350,7 +353,7 @@ def run(
 
     # 1. float
     tick = time.perf_counter()
-    lr = optax.cosine_decay_schedule(cfg.train.lr, cfg.train.steps, alpha=0.1)
+    lr = optax.cosine_decay_schedule(cfg.train.lr, cfg.train.steps, alpha=0.0)
     tx = _tx(cfg, lr, cfg.train.weight_decay)
     identity = core.identity()
     state = _init_state(params, tx, rng, identity)

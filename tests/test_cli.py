@@ -195,6 +195,11 @@ def test_config_errors():
         (["run", "--model", "vgg"], "argument --model: invalid choice: 'vgg'"),
         (["run", "--train-steps", "7"], "train.steps (--train-steps) must be a positive multiple"),
         (["run", "--sparsity", "1.5"], "compress.sparsity (--sparsity) must be in [0, 1)"),
+        (
+            ["run", "--devices", "3", "--batch-size", "96", "--compress-batch-size", "64"],
+            "compress.batch_size (--compress-batch-size) must be divisible by devices=3, got 64",
+        ),
+        (["run", "--batch-size", "0"], "data.batch_size (--batch-size) must be >= 1, got 0"),
         (["run", "--stop-after", "0"], "--stop-after: must be >= 1"),
         (
             ["run", "--config", "/no/such/run.toml"],
