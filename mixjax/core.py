@@ -174,17 +174,15 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
                 f"transform), got {type(states).__name__} {jax.tree.structure(states)}"
             )
 
-    def apply_fn(params, states):
-        check(states)
-        for t, state in zip(transforms, states, strict=True):
+    def view_before(params, states):
+        """``params`` through the first ``len(states)`` transforms, with those states."""
+        for t, state in zip(transforms[: len(states)], states, strict=True):
             params = t.apply(params, state)
         return params
 
-    def view_before(params, new_states):
-        """``params`` through the first ``len(new_states)`` transforms, with those states."""
-        for t, state in zip(transforms[: len(new_states)], new_states, strict=True):
-            params = t.apply(params, state)
-        return params
+    def apply_fn(params, states):
+        check(states)
+        return view_before(params, states)
 
     def update_fn(params, states, step, **extra):
         check(states)
