@@ -3,6 +3,8 @@
 * Pages show the ``mixjax`` command's own ``--help`` text, so they never drift: a line
   ``<!-- mixjax-help: run -->`` becomes a code block holding the output of ``mixjax run --help``
   (``<!-- mixjax-help: -->`` for the top-level ``mixjax --help``).
+* ``<!-- mixjax-api-index -->`` becomes the table of every public name (the ``__all__`` of
+  ``mixjax`` and of each family) with the module that defines it (:func:`api_index`).
 * :class:`SphinxRoles`, a griffe extension (``mkdocs.yml``: mkdocstrings ``extensions``), renders
   the Sphinx roles and ``::`` literal-block markers the docstrings use as Markdown.
 """
@@ -13,6 +15,7 @@ import contextlib
 import io
 import os
 import re
+import types
 from typing import Any
 
 import griffe
@@ -22,7 +25,7 @@ WIDTH = "100"  # argparse wraps help text at $COLUMNS
 
 
 def _help(command: str) -> str:
-    from mixjax import cli
+    from mixjax.app import cli
 
     argv = [*command.split(), "--help"]
     out = io.StringIO()
@@ -42,7 +45,43 @@ def _help(command: str) -> str:
     return f"```text\n$ mixjax {' '.join(argv)}\n{text}\n```"
 
 
+API_INDEX = "<!-- mixjax-api-index -->"
+
+
+def _home(obj: Any, default: str) -> str:
+    """The module that defines ``obj`` (itself for a module), else ``default``."""
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    module = getattr(obj, "__module__", None)
+    return module if isinstance(module, str) and module.startswith("mixjax") else default
+
+
+def api_index() -> str:
+    """A markdown table: each public name of ``mixjax`` and of its families, and its module."""
+    import mixjax
+
+    rows = []
+    packages = [mixjax] + [
+        getattr(mixjax, name)
+        for name in mixjax.__all__
+        if isinstance(getattr(mixjax, name), types.ModuleType)
+    ]
+    for package in packages:
+        for name in package.__all__:
+            obj = getattr(package, name)
+            if isinstance(obj, types.ModuleType):
+                kind = "family" if package is mixjax else "module"
+                rows.append((f"{package.__name__}.{name}", f"{obj.__name__} ({kind})"))
+                continue
+            rows.append((f"{package.__name__}.{name}", _home(obj, package.__name__)))
+    lines = ["| name | defined in |", "|---|---|"]
+    lines += [f"| `{name}` | `{home}` |" for name, home in rows]
+    return "\n".join(lines)
+
+
 def on_page_markdown(markdown: str, **kwargs) -> str:
+    if API_INDEX in markdown:
+        markdown = markdown.replace(API_INDEX, api_index())
     return MARKER.sub(lambda m: _help(m.group("command").strip()), markdown)
 
 

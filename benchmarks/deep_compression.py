@@ -17,7 +17,7 @@ the epochs, a smoke run whose accuracies mean nothing).
 
 Bytes of every stage are real :mod:`mixjax.export` artifacts in the compact container: ``file``
 is ``Artifact.nbytes``, the whole file (arrays + deflated JSON manifest + header + sha256);
-``weights`` is the arrays alone (the per-leaf "bytes" column of ``Artifact.table()``, summed).
+``weights`` is the arrays alone (the per-leaf "bytes" column of ``mixjax.export.table``, summed).
 Ratios are float32 parameter bytes (4 per parameter) over each. Stages before "+Huffman" are
 encoded with Huffman coding turned off, so each row adds one step. Biases are stored as float32
 until the quantization stage, where the two large bias vectors are clustered too and every leaf
@@ -43,8 +43,6 @@ import numpy as np
 import optax
 
 from mixjax import (
-    codebook_codec,
-    codecs,
     core,
     data,
     export,
@@ -56,6 +54,7 @@ from mixjax import (
     share,
     wrap_optax,
 )
+from mixjax.export import codebook, kinds, records
 
 BATCH = 64
 
@@ -171,17 +170,15 @@ def compress(params, transform, tstate, *, huffman):
         return name
 
     leaves = []
-    encoders = codecs.leaf_encoders(view, tstate)
+    encoders = kinds.leaf_encoders(view, tstate, "mixjax.export.compress")
     for record, (path, leaf), encoder in zip(
         artifact.leaves, select.leaves_with_paths(view), encoders, strict=True
     ):
         if record["kind"] == "codebook":
-            new = codebook_codec.encode_codebook(
-                path, np.asarray(leaf), encoder, store, huffman=False
-            )
+            new = codebook.encode_codebook(path, np.asarray(leaf), encoder, store, huffman=False)
             record = {"path": path, **new}
         leaves.append(record)
-    used = set().union(*(codecs.record_arrays(r, arrays) for r in leaves))
+    used = set().union(*(records.record_arrays(r, arrays) for r in leaves))
     kept = {name: arrays[name] for name in used}
     return export.Artifact(tuple(leaves), kept, artifact.treedef, "compact")
 
@@ -197,7 +194,7 @@ def stage_row(name, model, params, transform, tstate, test_set, *, huffman):
             strict=True,
         )
     )
-    table = artifact.table()
+    table = export.table(artifact)
     weights = sum(r.bytes_after for r in table.rows)
     floats = sum(r.bytes_before for r in table.rows)
     return {

@@ -24,7 +24,7 @@ import numpy as np
 import sklearn
 from sklearn.cluster import KMeans
 
-from mixjax import kmeans
+from mixjax.share import kmeans
 
 INITS = ("optimal", "density", "linear", "kmeans++")
 GOAL_SPEEDUP = 5.0

@@ -6,8 +6,8 @@ Usage::
 
 Prints markdown tables and writes ``benchmarks/results/quant.json``. Three parts:
 
-1. Inference, batch 256, CPU: float32 ``model.apply`` vs :mod:`mixjax.intinfer` (int8 x int8 ->
-   int32 Dense layers, PTQ-calibrated activations) for LeNet-300-100 (28x28x1 inputs) and a
+1. Inference, batch 256, CPU: float32 ``model.apply`` vs :mod:`mixjax.export.integer` (int8 x int8
+   -> int32 Dense layers, PTQ-calibrated activations) for LeNet-300-100 (28x28x1 inputs) and a
    1024-wide 3-layer MLP (three 1024x1024 Dense layers); plus raw XLA f32 vs int8 dot as the
    ceiling. Goal: >= 1.4x on the wide MLP.
 2. Train-step time on LeNet-5, batch 128, 28x28x1, SGD with momentum: plain, mixjax
@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mixjax import activations, core, data, export, intinfer, models, observe, quant
+import mixjax
+from mixjax import core, data, export, models, quant
 
 
 def interleaved(fns: dict, rounds: int) -> dict[str, float]:
@@ -66,7 +67,7 @@ class WideMLP(nn.Module):
 def calibrated(model, view, act, calib):
     """PTQ: activation ranges of the model with parameters ``view`` on ``calib`` batches."""
     fn = lambda x: model.apply({"params": view}, x)
-    return activations.calibrate(act, fn, act.init(fn, calib[0]), calib)
+    return quant.calibrate(act, fn, act.init(fn, calib[0]), calib)
 
 
 def deploy(model, params, weights, wstate, act, astate):
@@ -74,14 +75,14 @@ def deploy(model, params, weights, wstate, act, astate):
     view = weights.apply(params, wstate)
     fn = lambda x: model.apply({"params": view}, x)
     with tempfile.TemporaryDirectory() as tmp:
-        path = export.compress(params, weights, wstate).save(os.path.join(tmp, "model.mjx"))
+        path = export.save(export.compress(params, weights, wstate), os.path.join(tmp, "model.mjx"))
         artifact = export.load(path)
     restored = artifact.params()
     int_fn = jax.jit(
-        lambda m, x: intinfer.apply(lambda x: model.apply({"params": restored}, x), m, x)
+        lambda m, x: export.integer_apply(lambda x: model.apply({"params": restored}, x), m, x)
     )
     fake_fn = jax.jit(lambda s, x: act.apply(fn, s, x)[0])
-    int_model = intinfer.prepare(artifact, act, astate)
+    int_model = export.integer_model(artifact, act, astate)
     return artifact, int_model, int_fn, lambda x: fake_fn(astate, x)
 
 
@@ -91,7 +92,7 @@ def inference_case(name: str, model: nn.Module, shape: tuple, rounds: int) -> di
     x = jnp.asarray(rng.normal(size=(256, *shape)), jnp.float32)
     params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     calib = [jnp.asarray(rng.normal(size=(256, *shape)), jnp.float32) for _ in range(4)]
-    act = activations.fake_quant(8, observer=observe.minmax())
+    act = quant.activation_quant(8, observer=quant.minmax_observer())
     weights = quant.fake_quant(8)
     wstate = weights.init(params)
     astate = calibrated(model, weights.apply(params, wstate), act, calib)
@@ -148,7 +149,7 @@ def step_overhead(rounds: int) -> list[dict]:
     params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     tx = optax.sgd(0.01, momentum=0.9)
     wq = quant.fake_quant(8)
-    act = activations.fake_quant(8)
+    act = quant.activation_quant(8)
     apply = lambda p, x: model.apply({"params": p}, x)
 
     def train_step(loss_fn, refresh=None):
@@ -221,7 +222,7 @@ def accuracy(epochs: int, qat_epochs: int) -> list[dict]:
         """Adam training; with ``weights``/``act``, QAT (LSQ scales trained alongside)."""
         wstate = weights.init(params) if weights else None
         astate = act_state_for(params, weights, wstate, act) if act else None
-        scales = quant.scales(wstate) if weights else None
+        scales = mixjax.learned_state(wstate) if weights else None
         tx = optax.adam(lr)
         opt = tx.init((params, scales))
 
@@ -229,7 +230,7 @@ def accuracy(epochs: int, qat_epochs: int) -> list[dict]:
         def step(params, scales, opt, wstate, astate, x, y):
             def loss_fn(ps):
                 p, s = ps
-                view = weights.apply(p, quant.with_scales(wstate, s)) if weights else p
+                view = weights.apply(p, mixjax.with_learned_state(wstate, s)) if weights else p
                 fn = lambda x: apply(view, x)
                 if act is None:
                     return cross_entropy(fn(x), y), astate
@@ -240,7 +241,7 @@ def accuracy(epochs: int, qat_epochs: int) -> list[dict]:
             updates, opt = tx.update(g, opt, (params, scales))
             params, scales = optax.apply_updates((params, scales), updates)
             if weights:
-                wstate = weights.update(params, quant.with_scales(wstate, scales), 0)
+                wstate = weights.update(params, mixjax.with_learned_state(wstate, scales), 0)
             return params, scales, opt, wstate, astate
 
         for batch in data.batches(train, 64, seed=seed, epochs=n_epochs):
@@ -276,7 +277,7 @@ def accuracy(epochs: int, qat_epochs: int) -> list[dict]:
             "artifact_bytes": export.compress(float_params, core.identity(), ()).nbytes,
         }
     ]
-    a8 = activations.fake_quant(8, observer=observe.minmax())
+    a8 = quant.activation_quant(8, observer=quant.minmax_observer())
     w8 = quant.fake_quant(8)
     w8s = w8.init(float_params)
     rows.append(
@@ -284,11 +285,11 @@ def accuracy(epochs: int, qat_epochs: int) -> list[dict]:
             "PTQ int8 (w8a8)", float_params, w8, w8s, a8, act_state_for(float_params, w8, w8s, a8)
         )
     )
-    ema = activations.fake_quant(8, observer=observe.ema(0.99))
+    ema = quant.activation_quant(8, observer=quant.ema_observer(0.99))
     for name, weights in [
         ("QAT int8 (w8a8)", quant.fake_quant(8)),
         ("QAT int4 (w4a8)", quant.fake_quant(4)),
-        ("LSQ int4 (w4a8)", quant.fake_quant(4, learnable_scale=True)),
+        ("LSQ int4 (w4a8)", quant.lsq(4)),
     ]:
         p, ws, a = fit(float_params, qat_epochs, 3e-4, weights, ema, seed=1)
         rows.append(evaluate(name, p, weights, ws, ema, a))

@@ -1,26 +1,32 @@
-"""mixjax: composable, jit-able compression transforms and training wrappers for JAX and Flax."""
+"""mixjax: composable, jit-able compression transforms and training wrappers for JAX and Flax.
+
+The top level holds the protocol every compression transform implements (:mod:`mixjax.core`)
+and the families, one subpackage each:
+
+* compression transforms: :mod:`mixjax.prune`, :mod:`mixjax.quant`, :mod:`mixjax.share`, chosen
+  by :mod:`mixjax.select` and driven by :mod:`mixjax.schedules`; :mod:`mixjax.export` stores and
+  runs what they make;
+* training: :mod:`mixjax.augment`, :mod:`mixjax.train`, :mod:`mixjax.delay` (asynchronous
+  training), :mod:`mixjax.parallel`, :mod:`mixjax.checkpoint`;
+* :mod:`mixjax.models` and :mod:`mixjax.data`, reference models and datasets.
+
+``import mixjax`` loads neither Orbax, Matplotlib, TFDS nor tqdm: :mod:`mixjax.checkpoint`
+(Orbax) is imported on first use, TFDS when a TFDS dataset is loaded, and the command line
+(:mod:`mixjax.app`) only by the ``mixjax`` command.
+"""
+
+import importlib
+from typing import Any
 
 from mixjax import (
-    activations,
     augment,
-    checkpoint,
-    codecs,
-    coding,
-    config,
     data,
     delay,
-    deploy,
     export,
-    intinfer,
-    kmeans,
-    merge,
     models,
-    observe,
-    packing,
     parallel,
     prune,
     quant,
-    replicas,
     schedules,
     select,
     share,
@@ -34,48 +40,57 @@ from mixjax.core import (
     chain,
     every_step,
     identity,
+    learned_state,
     multiples_of,
     never,
     unconstrained,
+    update_when_due,
+    with_learned_state,
     wrap_optax,
 )
 
 __version__ = "0.1.0"
 
+# Families whose import is heavy (Orbax) load when first used: ``mixjax.checkpoint.save(...)``.
+_LAZY = ("checkpoint",)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f"mixjax.{name}")
+    raise AttributeError(f"module 'mixjax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
 __all__ = [
-    "quant",
-    "replicas",
-    "packing",
-    "parallel",
-    "observe",
-    "intinfer",
-    "export",
-    "codecs",
-    "activations",
     "ConstrainedState",
     "EmptyState",
     "ParamTransform",
     "apply_updates",
     "augment",
-    "checkpoint",
     "chain",
-    "coding",
-    "config",
+    "checkpoint",
     "data",
     "delay",
-    "deploy",
     "every_step",
+    "export",
     "identity",
-    "kmeans",
-    "merge",
+    "learned_state",
     "models",
     "multiples_of",
     "never",
+    "parallel",
     "prune",
+    "quant",
     "schedules",
     "select",
     "share",
     "train",
     "unconstrained",
+    "update_when_due",
+    "with_learned_state",
     "wrap_optax",
 ]

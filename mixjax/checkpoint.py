@@ -54,7 +54,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mixjax import select
+from mixjax import _checks, select
+
+__all__ = ["latest_step", "restore", "save", "steps"]
 
 _SAVE = "mixjax.checkpoint.save"
 _RESTORE = "mixjax.checkpoint.restore"
@@ -90,12 +92,6 @@ def _describe(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "no leaf"
     return f"leaf {entry['path']!r} {tuple(entry['shape'])} {entry['dtype']}"
-
-
-def _check_step(fn_name: str, step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"{fn_name}: step must be an int >= 0, got step={step!r}")
-    return int(step)
 
 
 def _sync_tree(root: pathlib.Path, checkpoint: pathlib.Path) -> None:
@@ -174,11 +170,8 @@ def save(
                 f"{type(state).__name__}"
             )
         step = int(state.step)
-    step = _check_step(_SAVE, step)
-    if keep is not None and (
-        isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or keep < 1
-    ):
-        raise ValueError(f"{_SAVE}: keep must be None or an int >= 1, got keep={keep!r}")
+    step = _checks.integer(_SAVE, "step", step, 0)
+    keep = _checks.integer(_SAVE, "keep", keep, 1, optional=True)
     root = pathlib.Path(directory).absolute()
     if step in steps(root):
         raise ValueError(f"{_SAVE}: {str(root)!r} already holds a checkpoint of step {step}")
@@ -253,7 +246,7 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None)
     available = steps(root)
     if not available:
         raise FileNotFoundError(f"{_RESTORE}: {str(root)!r} holds no checkpoint")
-    step = available[-1] if step is None else _check_step(_RESTORE, step)
+    step = available[-1] if step is None else _checks.integer(_RESTORE, "step", step, 0)
     if step not in available:
         raise ValueError(
             f"{_RESTORE}: {str(root)!r} holds no checkpoint of step {step}; available steps: "

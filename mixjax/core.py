@@ -17,18 +17,50 @@ A :class:`ParamTransform` is a NamedTuple of pure functions over a parameter tre
   a traced bool scalar). Where it is false, ``update`` must return the state unchanged, so
   :func:`chain` skips the work of building the view that ``update`` would read: a mask
   refreshed every 10 steps costs its input view once per 10 steps, not every step.
-  :func:`every_step` (the default) for transforms that refresh at each step.
+  :func:`every_step` (the default) for transforms that refresh at each step. A refresh every
+  ``k`` steps is due at the steps ``t`` with ``t % k == 0``, ``t = 0`` included
+  (:func:`multiples_of`): ``init`` made the state for the initial weights, and the ``update``
+  of step ``t`` makes the state for the weights after the optimizer step ``t``;
+  :func:`update_when_due` is the one place that turns a ``due`` into a ``lax.cond``.
 
 Every function returns a tree with the structure of ``params``.
+
+Learned state: a transform whose state holds arrays trained by gradient descent (LSQ step
+sizes, :func:`mixjax.quant.lsq`) marks those fields in its state type's ``LEARNED`` class
+attribute (a tuple of field names). :func:`learned_state` takes them out of any (e.g. chained)
+state and :func:`with_learned_state` puts them back, so a training step differentiates the loss
+with respect to them and updates them with the optimizer (:func:`mixjax.train.make_train_step`
+does).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
+
+from mixjax import _checks
+
+__all__ = [
+    "ConstrainedState",
+    "EmptyState",
+    "ParamTransform",
+    "apply_updates",
+    "chain",
+    "every_step",
+    "identity",
+    "learned_state",
+    "multiples_of",
+    "never",
+    "unconstrained",
+    "update_when_due",
+    "with_learned_state",
+    "wrap_optax",
+]
 
 Params = Any
 State = Any
@@ -73,28 +105,42 @@ def never(step: Step) -> bool:
     return False
 
 
-def multiples_of(k: int, *, from_step: int = 0) -> DueFn:
-    """The ``due`` of a refresh at the steps ``t >= from_step`` divisible by ``k``.
+def multiples_of(k: int) -> DueFn:
+    """The ``due`` of a refresh at the steps ``t`` divisible by ``k`` (``t = 0`` included).
 
-    Returns a Python bool for a Python int step and a traced bool scalar for a traced one, so
-    :func:`chain` decides statically where it can.
+    Returns a Python bool for a Python int step and a bool scalar array for an array step, so
+    :func:`chain` and :func:`update_when_due` decide statically where they can;
+    ``multiples_of(1)`` is :func:`every_step`.
 
     Raises:
-      ValueError: ``k`` not an integer ``>= 1`` or ``from_step`` not an integer ``>= 0``.
+      TypeError / ValueError: ``k`` not an integer ``>= 1``.
     """
-    for name, value, low in (("k", k, 1), ("from_step", from_step, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(
-                f"mixjax.multiples_of: {name} must be an integer >= {low}, got {name}={value!r}"
-            )
+    k = _checks.integer("mixjax.multiples_of", "k", k, 1)
+    if k == 1:
+        return every_step
 
     def due(step):
         if isinstance(step, int):
-            return step >= from_step and step % k == 0
-        step = jnp.asarray(step)
-        return (step >= from_step) & (step % k == 0)
+            return step % k == 0
+        return jnp.asarray(step) % k == 0
 
     return due
+
+
+def update_when_due(due: DueFn, step: Step, refresh: Callable[[], State], state: State) -> State:
+    """``refresh()`` where ``due(step)`` holds, else ``state``: the body of a periodic ``update``.
+
+    A static ``due`` (a Python bool, or a concrete array outside a trace) decides in Python, so
+    an eager call runs ``refresh`` or not at all; a traced one becomes a ``lax.cond``, so a
+    jitted step pays for ``refresh`` only at the steps where it is due. ``refresh`` must return
+    a state of ``state``'s structure, shapes and dtypes.
+    """
+    now = _static_bool(due(step))
+    if now is True:
+        return refresh()
+    if now is False:
+        return state
+    return lax.cond(now, refresh, lambda: state)
 
 
 class ParamTransform(NamedTuple):
@@ -136,6 +182,56 @@ def _static_bool(value: bool | jax.Array) -> bool | jax.Array:
     return value if isinstance(value, jax.core.Tracer) else bool(value)
 
 
+def _is_learned(node: Any) -> bool:
+    return isinstance(node, tuple) and hasattr(type(node), "LEARNED")
+
+
+def learned_state(state: State) -> Any:
+    """The learned fields of every state in ``state`` (any nesting, e.g. a ``chain`` tuple).
+
+    Returns:
+      A tree with ``state``'s structure down to its learned states: each state type with a
+      ``LEARNED`` class attribute keeps those fields (its other fields become ``None``), every
+      other leaf becomes ``None``. Empty (no leaves) when nothing is learned. Differentiate a
+      loss with respect to it and put the result back with :func:`with_learned_state`::
+
+          def loss(params, learned):
+              view = transform.apply(params, mixjax.with_learned_state(state, learned))
+              ...
+          g_params, g_learned = jax.grad(loss, argnums=(0, 1))(params, mixjax.learned_state(state))
+    """
+
+    def keep(node):
+        if not _is_learned(node):
+            return None
+        return node._replace(**{f: None for f in node._fields if f not in type(node).LEARNED})
+
+    return jax.tree.map(keep, state, is_leaf=_is_learned)
+
+
+def with_learned_state(state: State, learned: Any) -> State:
+    """``state`` with the learned fields of its learned states replaced from ``learned``.
+
+    ``learned`` has the structure :func:`learned_state` returns for ``state``.
+
+    Raises:
+      ValueError: ``learned`` does not have that structure.
+    """
+
+    def put(node, new):
+        if not _is_learned(node):
+            return node
+        return node._replace(**{f: getattr(new, f) for f in type(node).LEARNED})
+
+    try:
+        return jax.tree.map(put, state, learned, is_leaf=_is_learned)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            "mixjax.with_learned_state: learned does not match the learned fields of state "
+            f"(was it made by learned_state(state)?): {err}"
+        ) from None
+
+
 def chain(*transforms: ParamTransform) -> ParamTransform:
     """Composes transforms left to right; each one sees the view of those before it.
 
@@ -154,10 +250,7 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
       TypeError: an argument is not a :class:`ParamTransform`.
     """
     for i, t in enumerate(transforms):
-        if not isinstance(t, ParamTransform):
-            raise TypeError(
-                f"mixjax.chain: argument {i} must be a ParamTransform, got {type(t).__name__}"
-            )
+        _checks.instance("mixjax.chain", f"argument {i}", t, ParamTransform, "a ParamTransform")
 
     def init_fn(params):
         states = []
@@ -203,7 +296,7 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
             refresh = lambda t=t, state=state, done=tuple(new_states): t.update(
                 view_before(params, done), state, step, **extra
             )
-            new_states.append(jax.lax.cond(due, refresh, lambda state=state: state))
+            new_states.append(lax.cond(due, refresh, lambda state=state: state))
         return tuple(new_states)
 
     def due_fn(step):
@@ -266,15 +359,10 @@ def wrap_optax(
     Raises:
       TypeError: ``inner`` is not an optax transformation or ``transform`` not a ParamTransform.
     """
-    if not isinstance(transform, ParamTransform):
-        raise TypeError(
-            f"mixjax.wrap_optax: transform must be a ParamTransform, got {type(transform).__name__}"
-        )
-    if not (hasattr(inner, "init") and hasattr(inner, "update")):
-        raise TypeError(
-            "mixjax.wrap_optax: inner must be an optax GradientTransformation, "
-            f"got {type(inner).__name__}"
-        )
+    _checks.optax_transform("mixjax.wrap_optax", "inner", inner)
+    _checks.instance(
+        "mixjax.wrap_optax", "transform", transform, ParamTransform, "a ParamTransform"
+    )
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):

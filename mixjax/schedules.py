@@ -13,13 +13,29 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from mixjax import _checks
+
+__all__ = [
+    "ScalarOrSchedule",
+    "Schedule",
+    "as_schedule",
+    "check_schedule",
+    "constant",
+    "one_shot",
+    "polynomial",
+]
+
 Schedule = Callable[[Any], Any]
 ScalarOrSchedule = float | Schedule
 
 
 def constant(value: float) -> Schedule:
-    """``step -> value`` for every step."""
-    value = float(value)
+    """``step -> value`` for every step.
+
+    Raises:
+      TypeError / ValueError: ``value`` not a finite number.
+    """
+    value = _checks.real("mixjax.schedules.constant", "value", value)
     return lambda step: jnp.full(jnp.shape(step), value, dtype=jnp.float32)
 
 
@@ -27,11 +43,10 @@ def one_shot(step: int, value: float) -> Schedule:
     """``0`` before ``step``, ``value`` from ``step`` on (one-shot pruning at a given step).
 
     Raises:
-      ValueError: ``step < 0``.
+      TypeError / ValueError: ``step`` not an integer ``>= 0``, ``value`` not a finite number.
     """
-    if int(step) != step or step < 0:
-        raise ValueError(f"mixjax.schedules.one_shot: step must be an integer >= 0, got {step!r}")
-    at, value = int(step), float(value)
+    at = _checks.integer("mixjax.schedules.one_shot", "step", step, 0)
+    value = _checks.real("mixjax.schedules.one_shot", "value", value)
     return lambda t: jnp.where(jnp.asarray(t) >= at, value, 0.0).astype(jnp.float32)
 
 
@@ -51,22 +66,20 @@ def polynomial(
     steps). Before ``begin_step`` the value is ``initial``; after ``end_step``, ``final``.
 
     Raises:
-      ValueError: ``end_step <= begin_step``, ``begin_step < 0``, ``frequency < 1`` or
-        ``power <= 0``.
+      TypeError / ValueError: ``begin_step`` not an integer ``>= 0``, ``end_step`` not an
+        integer ``> begin_step``, ``frequency`` not an integer ``>= 1``, ``power <= 0``.
     """
     name = "mixjax.schedules.polynomial"
-    if begin_step < 0 or int(begin_step) != begin_step:
-        raise ValueError(f"{name}: begin_step must be an integer >= 0, got {begin_step!r}")
-    if end_step <= begin_step or int(end_step) != end_step:
+    t0 = _checks.integer(name, "begin_step", begin_step, 0)
+    end = _checks.integer(name, "end_step", end_step)
+    if end <= t0:
         raise ValueError(
-            f"{name}: end_step must be an integer > begin_step={begin_step}, got {end_step!r}"
+            f"{name}: end_step must be an integer > begin_step={t0}, got end_step={end_step!r}"
         )
-    if frequency < 1 or int(frequency) != frequency:
-        raise ValueError(f"{name}: frequency must be an integer >= 1, got {frequency!r}")
-    if power <= 0:
-        raise ValueError(f"{name}: power must be > 0, got {power!r}")
-    initial, final, power = float(initial), float(final), float(power)
-    t0, span, freq = int(begin_step), int(end_step - begin_step), int(frequency)
+    freq = _checks.integer(name, "frequency", frequency, 1)
+    power = _checks.real(name, "power", power, 0.0, low_open=True)
+    initial, final = _checks.real(name, "initial", initial), _checks.real(name, "final", final)
+    span = end - t0
 
     def schedule(step):
         t = jnp.clip(jnp.asarray(step) - t0, 0, span)
@@ -93,7 +106,7 @@ _PROBE_STEPS = np.unique(
 )
 
 
-def check_range(
+def check_schedule(
     fn_name: str,
     arg: str,
     value: ScalarOrSchedule,
@@ -120,14 +133,15 @@ def check_range(
     def bad(v):
         return not (low <= v <= high if high_inclusive else low <= v < high) or not np.isfinite(v)
 
-    try:
-        schedule = as_schedule(value)
-    except TypeError as err:
-        raise TypeError(f"{fn_name}: {arg}= {err}") from None
     if not callable(value):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+            raise TypeError(
+                f"{fn_name}: {arg} must be a float or a schedule (step -> value), got {value!r}"
+            )
         if bad(float(value)):
             raise ValueError(f"{fn_name}: {arg} must be in {interval}, got {arg}={value!r}")
-        return schedule
+        return constant(float(value))
+    schedule = value
     try:
         values = np.asarray(schedule(jnp.asarray(_PROBE_STEPS)), dtype=np.float64)
         if values.shape != _PROBE_STEPS.shape:

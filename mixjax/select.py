@@ -26,6 +26,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "Selector",
+    "Where",
+    "all_of",
+    "any_of",
+    "as_selector",
+    "check_mirror",
+    "check_mirror_shapes",
+    "describe",
+    "exclude",
+    "is_floating",
+    "kernels",
+    "leaves_with_paths",
+    "min_size",
+    "mirror",
+    "path_str",
+    "regex",
+    "selection",
+]
+
 Selector = Callable[[str, Any], bool]
 Where = None | str | Selector | Sequence[Any]
 
@@ -67,6 +87,7 @@ def describe(path: str, leaf: Any) -> str:
 
 
 def is_floating(leaf: Any) -> bool:
+    """Whether ``leaf`` is an array of a floating dtype."""
     return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixjax import augment, augment_mix
+from mixjax import augment
+from mixjax.augment import mix as augment_mix
 
-HARNESSES = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
 KEY = jax.random.key(0)
 N, H, W, C = 8, 6, 5, 3
 
@@ -97,15 +97,9 @@ def test_deterministic_signatures(fn):
             assert p.kind is inspect.Parameter.KEYWORD_ONLY, f"{fn.__name__}: {p.name}"
 
 
-def test_public_names_resolve():
-    for name in augment.__all__:
-        assert getattr(augment, name) is not None
-
-
 # Geometry ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("harness", HARNESSES)
 @pytest.mark.parametrize("make", [images_u8, images_f32])
 def test_flips_exact(harness, make):
     x = make()
@@ -136,7 +130,6 @@ def test_random_flip_each_example_flipped_or_not():
     assert len(kinds) > 1
 
 
-@pytest.mark.parametrize("harness", HARNESSES)
 @pytest.mark.parametrize("mode", ["constant", "edge", "reflect"])
 @pytest.mark.parametrize("make", [images_u8, images_f32])
 def test_crop_offsets_exact(harness, mode, make):
@@ -204,7 +197,6 @@ def test_rotate_90_is_rot90():
     np.testing.assert_allclose(got, np.rot90(np.asarray(x), axes=(1, 2)), atol=1e-5)
 
 
-@pytest.mark.parametrize("harness", HARNESSES)
 @pytest.mark.parametrize("mode", ["constant", "reflect"])
 def test_rotate_matches_numpy(harness, mode):
     x = images_f32()
@@ -239,7 +231,6 @@ def test_batch_ops_compose_with_an_outer_vmap():
 # Colour -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("harness", HARNESSES)
 def test_brightness_formula(harness):
     delta = jnp.linspace(-0.5, 0.5, N)
     xf, xu = images_f32(), images_u8()
@@ -252,7 +243,6 @@ def test_brightness_formula(harness):
     np.testing.assert_array_equal(got_u, want_u)
 
 
-@pytest.mark.parametrize("harness", HARNESSES)
 def test_contrast_formula(harness):
     factor = jnp.linspace(0.0, 2.0, N)
     x = images_f32()
@@ -296,7 +286,6 @@ def test_hue_third_turn_maps_red_to_green():
 # Cutout, mixing and labels ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("harness", HARNESSES)
 def test_cutout_box_exact(harness):
     x = images_u8()
     boxes = jnp.asarray([[1, 0, 4, 2]] * N)
@@ -328,9 +317,8 @@ def test_mixup_labels_match_pixel_weights():
     assert len(np.unique(np.round(w, 4))) > 1
 
 
-@pytest.mark.parametrize("harness", HARNESSES)
 def test_materialize_returns_its_input_exactly(harness):
-    from mixjax.augment_base import materialize
+    from mixjax.augment.base import materialize
 
     floats = images_f32().at[0, 0, 0, 0].set(jnp.nan)  # NaN first: the copy branch runs
     for x in (images_u8(), images_f32(), floats, -images_f32()):
@@ -423,7 +411,6 @@ def test_cutmix_labels_match_pixel_fraction_exactly():
     assert len(np.unique(own)) > 1
 
 
-@pytest.mark.parametrize("harness", HARNESSES)
 def test_pairs_with_soft_labels(harness):
     soft = jax.nn.softmax(jax.random.normal(KEY, (N, 5)))
     w = jnp.linspace(0, 1, N)
@@ -592,9 +579,9 @@ BAD_FACTORIES = [
     (lambda: augment.random_saturation(1.5, 0.5), ValueError, r"lower must be <= upper"),
     (lambda: augment.random_hue(0.6), ValueError, r"random_hue: max_delta must be in"),
     (lambda: augment.random_cutout(0), ValueError, r"random_cutout: size must be a positive"),
-    (lambda: augment.mixup(0.0), ValueError, r"mixup: alpha must be in \(0.0"),
-    (lambda: augment.mixup(-1.0), ValueError, r"mixup: alpha must be in"),
-    (lambda: augment.cutmix(0.0), ValueError, r"cutmix: alpha must be in"),
+    (lambda: augment.mixup(0.0), ValueError, r"mixup: alpha must be > 0.0, got alpha=0.0"),
+    (lambda: augment.mixup(-1.0), ValueError, r"mixup: alpha must be > 0.0"),
+    (lambda: augment.cutmix(0.0), ValueError, r"cutmix: alpha must be > 0.0"),
     (lambda: augment.cutmix(1.0, num_classes=0), ValueError, r"cutmix: num_classes must"),
     (lambda: augment.label_smoothing(1.0), ValueError, r"label_smoothing: smoothing must"),
     (lambda: augment.chain(augment.random_flip(), len), TypeError, r"chain: argument 1 must"),

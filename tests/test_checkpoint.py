@@ -256,7 +256,9 @@ def test_errors(tmp_path):
         checkpoint.restore(tmp_path / "empty", good)
     with pytest.raises(ValueError, match=r"no checkpoint of step 7; available steps: \[4, 5\]"):
         checkpoint.restore(tmp_path, good, step=7)
-    with pytest.raises(ValueError, match=name + r"restore: step must be an int >= 0, got step=-1"):
+    with pytest.raises(
+        ValueError, match=name + r"restore: step must be an integer >= 0, got step=-1"
+    ):
         checkpoint.restore(tmp_path, good, step=-1)
 
     def mismatch(like, pattern):
@@ -284,11 +286,13 @@ def test_errors(tmp_path):
         checkpoint.save(tmp_path, {**good, "b": {"s": "text"}}, step=9)
     with pytest.raises(TypeError, match=name + "save: pass step= for a state without a step"):
         checkpoint.save(tmp_path, good)
-    for bad in (-1, True, 1.5):
-        with pytest.raises(ValueError, match=name + r"save: step must be an int >= 0, got step="):
+    for bad, error in ((-1, ValueError), (True, TypeError), (1.5, TypeError)):
+        with pytest.raises(
+            error, match=name + rf"save: step must be an integer >= 0, got step={bad}"
+        ):
             checkpoint.save(tmp_path, good, step=bad)
-    for bad in (0, False, 2.0):
-        with pytest.raises(ValueError, match=name + r"save: keep must be None or an int >= 1"):
+    for bad, error in ((0, ValueError), (False, TypeError), (2.0, TypeError)):
+        with pytest.raises(error, match=name + r"save: keep must be None or an integer >= 1"):
             checkpoint.save(tmp_path, good, step=9, keep=bad)
     with pytest.raises(ValueError, match=name + "save: .* already holds a checkpoint of step 4"):
         checkpoint.save(tmp_path, good, step=4)

@@ -1,4 +1,4 @@
-"""The ParamTransform protocol, chain, selectors and schedules."""
+"""The ParamTransform protocol: chain, due, update_when_due, learned state, wrap_optax."""
 
 import chex
 import jax
@@ -6,10 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import mixjax
-from mixjax import schedules, select
 
 
 def params():
@@ -90,19 +88,37 @@ def test_multiples_of():
     every3 = mixjax.multiples_of(3)
     assert [every3(t) for t in range(7)] == [True, False, False, True, False, False, True]
     assert all(isinstance(every3(t), bool) for t in range(4))
-    from1 = mixjax.multiples_of(2, from_step=1)
-    assert [from1(t) for t in range(5)] == [False, False, True, False, True]
-    traced = jax.jit(lambda t: from1(t))
-    assert [bool(traced(t)) for t in range(5)] == [False, False, True, False, True]
+    traced = jax.jit(lambda t: every3(t))
+    assert [bool(traced(t)) for t in range(7)] == [True, False, False, True, False, False, True]
+    assert mixjax.multiples_of(1) is mixjax.every_step
     assert mixjax.every_step(5) is True and mixjax.never(5) is False
     with pytest.raises(
         ValueError, match=r"mixjax.multiples_of: k must be an integer >= 1, got k=0"
     ):
         mixjax.multiples_of(0)
-    with pytest.raises(ValueError, match=r"from_step must be an integer >= 0, got from_step=-1"):
-        mixjax.multiples_of(2, from_step=-1)
-    with pytest.raises(ValueError, match=r"k must be an integer >= 1, got k=True"):
+    with pytest.raises(TypeError, match=r"k must be an integer >= 1, got k=True"):
         mixjax.multiples_of(True)
+
+
+@pytest.mark.parametrize("harness", ["eager", "jit"])
+def test_update_when_due(harness):
+    calls = []
+
+    def refresh():
+        calls.append(1)
+        return jnp.ones(3)
+
+    state = jnp.zeros(3)
+    due = mixjax.multiples_of(2)
+    if harness == "eager":  # a Python step decides in Python: refresh runs only where due
+        assert mixjax.update_when_due(due, 3, refresh, state).sum() == 0 and not calls
+        assert mixjax.update_when_due(due, 4, refresh, state).sum() == 3 and calls == [1]
+        assert mixjax.update_when_due(mixjax.never, 4, refresh, state) is state
+        return
+    run = jax.jit(lambda t: mixjax.update_when_due(due, t, refresh, state))
+    assert [float(run(t).sum()) for t in range(4)] == [3.0, 0.0, 3.0, 0.0]
+    jaxpr = jax.make_jaxpr(lambda t: mixjax.update_when_due(due, t, refresh, state))(1)
+    assert any(e.primitive.name == "cond" for e in jaxpr.jaxpr.eqns)
 
 
 def test_chain_update_with_due_equals_refreshing_in_turn():
@@ -113,7 +129,7 @@ def test_chain_update_with_due_equals_refreshing_in_turn():
     """
     transforms = (
         mixjax.prune.magnitude(0.5, update_every=3),
-        mixjax.merge.merge_similar(0.9, update_every=4),
+        mixjax.share.merge_similar(0.9, update_every=4),
         mixjax.quant.fake_quant(4, update_every=2),
     )
     chained = mixjax.chain(*transforms)
@@ -213,101 +229,24 @@ def test_wrap_optax_identity_equals_inner():
 
 
 # ----------------------------------------------------------------------------------------------
-# Selectors.
+# Learned state.
 
 
-def test_selectors():
-    tree = {
-        "Conv_0": {"kernel": jnp.ones((3, 3, 1, 4)), "bias": jnp.ones(4)},
-        "BatchNorm_0": {"scale": jnp.ones(4)},
-        "Dense_0": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)},
-        "step": jnp.zeros((2, 2), jnp.int32),
-    }
-
-    def chosen(where):
-        hits = select.selection("t", tree, where, floating_only=False)
-        return sorted(p for p, hit in select.leaves_with_paths(hits) if hit)
-
-    assert chosen(None) == ["Conv_0/kernel", "Dense_0/kernel"]
-    assert chosen(".*Dense_0/kernel") == ["Dense_0/kernel"]
-    with pytest.raises(ValueError, match="matches no leaf"):  # a regex matches whole paths
-        chosen("Dense_0")
-    assert chosen(("Conv_0/bias", "Dense_0/bias")) == ["Conv_0/bias", "Dense_0/bias"]
-    assert chosen(select.all_of(None, select.min_size(10))) == ["Conv_0/kernel"]
-    assert chosen(select.exclude(".*kernel")) == [
-        "BatchNorm_0/scale",
-        "Conv_0/bias",
-        "Dense_0/bias",
-        "step",
-    ]
-    assert chosen(lambda path, leaf: leaf.ndim == 1 and path.startswith("Conv")) == ["Conv_0/bias"]
-
-
-def test_selection_errors():
-    with pytest.raises(ValueError, match=r"mixjax.select: where='\[' is not a valid regex"):
-        select.as_selector("[")
-    with pytest.raises(TypeError, match=r"where= must be None, a regex string, a callable"):
-        select.as_selector(3)
-    with pytest.raises(ValueError, match=r"fn: where='nothing' matches no leaf; the tree has 'a'"):
-        select.selection("fn", {"a": jnp.ones((2, 2))}, "nothing")
-
-
-def test_nnx_paths_match_linen_paths():
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.Dense_0 = nnx.Linear(3, 2, rngs=rngs)
-
-    _, state = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
-    assert sorted(p for p, _ in select.leaves_with_paths(state)) == [
-        "Dense_0/bias",
-        "Dense_0/kernel",
-    ]
-
-
-# ----------------------------------------------------------------------------------------------
-# Schedules.
-
-
-@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit])
-def test_polynomial_equals_formula(wrap):
-    si, sf, t0, t1, power = 0.1, 0.8, 20, 120, 3
-    sched = wrap(schedules.polynomial(si, sf, t0, t1, power=power))
-    steps = np.arange(0, 150)
-    t = np.clip(steps - t0, 0, t1 - t0)
-    expected = sf + (si - sf) * (1 - t / (t1 - t0)) ** power
-    np.testing.assert_allclose([float(sched(s)) for s in steps], expected, rtol=1e-6, atol=1e-6)
-    assert sched(jnp.asarray(5)).dtype == jnp.float32
-
-
-def test_polynomial_frequency_and_others():
-    sched = schedules.polynomial(0.0, 0.5, 0, 100, power=1, frequency=10)
-    values = np.asarray(sched(jnp.arange(100)))
-    assert len(np.unique(values)) == 10 and values[9] == 0.0 and values[10] == pytest.approx(0.05)
+def test_learned_state_round_trips_through_any_nesting():
+    lsq = mixjax.quant.lsq(4)
+    t = mixjax.chain(mixjax.prune.magnitude(0.5), lsq)
+    p = params()
+    state = t.init(p)
+    learned = mixjax.learned_state(state)
+    assert jax.tree.leaves(learned[0]) == []  # a PruneState is not learned
+    assert set(learned[1]._fields) == {"scale"}
+    doubled = jax.tree.map(lambda s: 2 * s, learned)
+    again = mixjax.with_learned_state(state, doubled)
+    masks = again[0].masks["Dense_0"]["kernel"]
+    np.testing.assert_array_equal(masks, state[0].masks["Dense_0"]["kernel"])
     np.testing.assert_array_equal(
-        schedules.one_shot(5, 0.7)(jnp.arange(8)), np.float32([0] * 5 + [0.7] * 3)
+        again[1].scale["Dense_0"]["kernel"], 2 * state[1].scale["Dense_0"]["kernel"]
     )
-    np.testing.assert_array_equal(schedules.constant(0.3)(jnp.arange(3)), np.float32([0.3] * 3))
-
-
-def test_schedule_errors():
-    with pytest.raises(
-        ValueError, match=r"polynomial: end_step must be an integer > begin_step=10"
-    ):
-        schedules.polynomial(0, 0.5, 10, 10)
-    with pytest.raises(ValueError, match=r"polynomial: frequency must be an integer >= 1, got 0"):
-        schedules.polynomial(0, 0.5, 0, 10, frequency=0)
-    with pytest.raises(ValueError, match=r"one_shot: step must be an integer >= 0, got -1"):
-        schedules.one_shot(-1, 0.5)
-
-
-def test_check_range_probes_any_callable():
-    # optax schedules and Python-branching callables are probed eagerly.
-    ok = schedules.check_range("f", "s", optax.linear_schedule(0.0, 0.9, 100), 0.0, 1.0)
-    assert float(ok(50)) == pytest.approx(0.45)
-    python_branching = lambda step: 0.5 if step < 100 else 1.5
-    with pytest.raises(
-        ValueError, match=r"f: s schedule values must be in \[0.0, 1.0\), got s\(104\)=1.5"
-    ):
-        schedules.check_range("f", "s", python_branching, 0.0, 1.0)
-    with pytest.raises(TypeError, match=r"f: s= expected a float or a schedule"):
-        schedules.check_range("f", "s", "0.5", 0.0, 1.0)
+    assert jax.tree.leaves(mixjax.learned_state(mixjax.prune.magnitude(0.5).init(p))) == []
+    with pytest.raises(ValueError, match="with_learned_state: learned does not match"):
+        mixjax.with_learned_state(state, (None,))

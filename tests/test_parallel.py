@@ -16,7 +16,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import mixjax
-from mixjax import delay, mesh, parallel, prune, quant, schedules, select, share, train
+from mixjax import delay, parallel, prune, quant, schedules, select, share, train
+from mixjax.parallel import mesh
 
 DEVICES = 8
 STEPS = 5
@@ -216,11 +217,40 @@ def test_rule_errors(setup):
         parallel.make_mesh(4, 4)
 
 
+def test_sync_wrappers_require_a_replica_apply_train_step(setup):
+    """Checked when the wrapper is built, from the step's model: no tracing involved."""
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    for wrap in (lambda s: parallel.shard_map_step(s, mesh), parallel.pmap_step):
+        with pytest.raises(ValueError, match="must average gradients over the 'data' axis"):
+            wrap(setup["make"]())
+        with pytest.raises(TypeError, match=r"step must be a mixjax.train.TrainStep"):
+            wrap(setup["make"](replica=True).jitted)
+    other_axis = train.make_train_step(
+        parallel.replica_apply(lambda *a, **k: None, "batch"), tx=optax.sgd(0.1)
+    )
+    with pytest.raises(ValueError, match="got a replica_apply over 'batch'"):
+        parallel.pmap_step(other_axis)
+    with pytest.raises(TypeError, match=r"data_parallel: step must be a mixjax.train.TrainStep"):
+        parallel.data_parallel(lambda state, batch: (state, {}), mesh)
+
+
 @multi
-def test_shard_map_requires_replica_apply(setup):
-    step = parallel.shard_map_step(setup["make"](), parallel.make_mesh())
-    with pytest.raises(ValueError, match="does not average gradients over the 'data' axis"):
-        step(setup["init"](), setup["batches"][0])
+def test_averaging_check_survives_cached_traces(setup):
+    """The old check recorded replica_apply calls made while tracing; a K-step scan whose body
+    trace was cached from an earlier wrapper then failed with a false "would diverge" error."""
+    step = train.make_train_step(
+        parallel.replica_apply(train.linen_apply(MLP())), optax.sgd(0.1), steps_per_call=2
+    )
+    module = MLP()
+    params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    batch = {k: np.stack([b[k] for b in setup["batches"][:2]]) for k in ("image", "label")}
+    init = lambda: train.init_train_state(params, optax.sgd(0.1), key=jax.random.key(1))
+    first, _ = parallel.shard_map_step(step, parallel.make_mesh())(init(), batch)
+    second, _ = parallel.shard_map_step(step, parallel.make_mesh())(init(), batch)
+    third, _ = parallel.pmap_step(step)(parallel.replicate(init()), batch)
+    for a, b, c in zip(*(jax.tree.leaves(s.params) for s in (first, second, third)), strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(np.asarray(c)[0], a, rtol=1e-6, atol=1e-6)
 
 
 def test_mesh_module_specs_on_one_device():
@@ -233,7 +263,7 @@ def test_mesh_module_specs_on_one_device():
         "fifo": {"w": P(None, None, "model"), "b": None},
         "n": P(),
     }
-    with pytest.raises(ValueError, match="steps_per_call must be an int >= 1"):
+    with pytest.raises(ValueError, match="steps_per_call must be an integer >= 1"):
         parallel.shard_batch({"x": np.zeros((4, 2))}, one, steps_per_call=0)
 
 
@@ -253,14 +283,12 @@ def test_steps_per_call_stacked_batches(setup):
         return train.make_train_step(apply_fn, tx, steps_per_call=2)
 
     want, want_metrics = make(False)(init(), batch)
-    mesh8, k = parallel.make_mesh(), 2
+    mesh8 = parallel.make_mesh()
     runs = {
-        "dp": parallel.data_parallel(make(False), mesh8, steps_per_call=k)(init(), batch),
-        "shard_map": parallel.shard_map_step(make(True), mesh8, steps_per_call=k)(init(), batch),
+        "dp": parallel.data_parallel(make(False), mesh8)(init(), batch),
+        "shard_map": parallel.shard_map_step(make(True), mesh8)(init(), batch),
     }
-    state, metrics = parallel.pmap_step(make(True), steps_per_call=2)(
-        parallel.replicate(init()), batch
-    )
+    state, metrics = parallel.pmap_step(make(True))(parallel.replicate(init()), batch)
     runs["pmap"] = (parallel.unreplicate(state), metrics)
     for name, (state, metrics) in runs.items():
         assert metrics["loss"].shape == (2,), name

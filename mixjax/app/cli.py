@@ -1,0 +1,213 @@
+"""The ``mixjax`` command: ``run`` the pipeline, ``report`` an artifact, ``eval`` it on data.
+
+Examples::
+
+    mixjax run                                    # embedded digits, defaults, ./mixjax-run
+    mixjax run --config run.toml --train-steps 500 --output out
+    mixjax run --output out --resume              # continue from the latest checkpoints
+    mixjax report out/model.mjx                   # per-leaf size table
+    mixjax eval out/model.mjx --data digits --split test
+
+Settings come from the defaults (:mod:`mixjax.app.config`), then ``--config FILE.toml``, then the
+options given; ``mixjax run --help`` lists every option with its default. A bad option or value,
+a missing file, an unknown dataset or an invalid TOML file ends with one line
+``mixjax: error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from mixjax.app import config as config_lib
+
+__all__ = ["PROG", "UsageError", "build_parser", "main"]
+
+PROG = "mixjax"
+_CHOICES = {
+    "train.compensation": config_lib.COMPENSATIONS,
+    "train.model": ("lenet300100", "lenet5", "small_cnn"),
+}
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+class UsageError(Exception):
+    """A bad command line (reported as one line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise UsageError(message)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE.toml", help="TOML file of settings (default: none)"
+    )
+    groups = {}
+    for key, field in config_lib.options():
+        section = key.split(".")[0]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"[{section}] settings")
+        default = field.default
+        groups[section].add_argument(
+            field.metadata["flag"],
+            dest=key.replace(".", "__"),
+            type=_TYPES[config_lib.base_type(field.type)],
+            choices=_CHOICES.get(key),
+            default=None,
+            metavar=None if key in _CHOICES else config_lib.base_type(field.type).upper(),
+            help=f"{field.metadata['help']} (default: {default}; TOML: {key})",
+        )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoints in --output"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEPS",
+        help="stop after this many steps of all stages (checkpointed), to --resume later "
+        "(default: run to the end)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars or log lines (default: off)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mixjax`` argument parser with its ``run``, ``report`` and ``eval`` subcommands."""
+    parser = _Parser(
+        prog=PROG,
+        description="mixjax: train, compress, export and evaluate image classifiers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `mixjax COMMAND --help` for a command's options.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = commands.add_parser(
+        "run",
+        help="train, prune, cluster, QAT, export and evaluate (the whole pipeline)",
+        description="Train a CNN with augmentation and delayed-gradient updates, prune it "
+        "gradually, cluster and quantize it with QAT, export the artifact, evaluate float vs "
+        "compressed vs integer inference and write report.json and plots to --output.",
+    )
+    _add_run_options(run)
+    report = commands.add_parser("report", help="print an artifact's per-leaf size table")
+    report.add_argument("path", metavar="PATH", help="artifact file (e.g. mixjax-run/model.mjx)")
+    report.add_argument(
+        "--json", action="store_true", help="print the rows as JSON (default: markdown)"
+    )
+    evaluate = commands.add_parser("eval", help="evaluate an artifact on a dataset split")
+    evaluate.add_argument("path", metavar="PATH", help="artifact file written by `mixjax run`")
+    evaluate.add_argument(
+        "--data",
+        default="digits",
+        help="dataset: 'digits', a prepared TFDS name, 'idx:DIR' or 'npz:FILE' (default: digits)",
+    )
+    evaluate.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> config_lib.Config:
+    cfg = config_lib.load_toml(args.config) if args.config else config_lib.Config()
+    changes = {
+        key: getattr(args, key.replace(".", "__"))
+        for key, _ in config_lib.options()
+        if getattr(args, key.replace(".", "__")) is not None
+    }
+    return config_lib.validate(config_lib.override(cfg, changes))
+
+
+def _summary(report: dict) -> str:
+    lines = ["| model | test accuracy | bytes | x dense |", "|---|---:|---:|---:|"]
+    dense = report["bytes_dense"]
+    for s in report["stages"]:
+        lines.append(
+            f"| {s['stage']} | {100 * s['accuracy']:.2f}% | {s['bytes']} | "
+            f"{dense / s['bytes']:.1f}x |"
+        )
+    rate = report["train_steps_per_second"]
+    lines += [
+        "",
+        f"accuracy float {100 * report['accuracy_float']:.2f}%, compressed "
+        f"{100 * report['accuracy_compressed']:.2f}%, integer "
+        f"{100 * report['accuracy_integer']:.2f}%; {report['bytes_compressed']} bytes, "
+        f"{report['compression_ratio']:.1f}x smaller than float32",
+        f"integer inference {report['inference_speedup_integer']:.2f}x the float forward; "
+        f"{'-' if rate is None else f'{rate:.0f}'} train steps/s; "
+        f"{report['timings_s']['total']:.0f} s in all",
+    ]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UsageError(f"argument --stop-after: must be >= 1, got {args.stop_after}")
+    from mixjax.app import pipeline  # JAX is imported only once the command line is valid
+
+    try:
+        report = pipeline.run(
+            cfg,
+            resume=args.resume,
+            quiet=args.quiet,
+            progress=not args.quiet,
+            stop_after=args.stop_after,
+        )
+    except pipeline.Stopped as stop:
+        print(f"{PROG}: {stop}", file=sys.stderr)
+        return 0
+    print(_summary(report))
+    out = cfg.run.output
+    print(f"\nwrote {out}/{pipeline.REPORT}, {out}/{pipeline.ARTIFACT}, plots {report['plots']}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mixjax import export
+    from mixjax.export.report import row_dict
+
+    artifact = export.load(args.path)
+    table = export.table(artifact)
+    if args.json:
+        print(json.dumps([row_dict(r) for r in table.rows], indent=1))
+        return 0
+    meta = artifact.metadata
+    if "model" in meta:
+        print(f"model {meta['model']}, {meta['num_classes']} classes, input {meta['input_shape']}")
+    print(table.markdown)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mixjax import data, export
+    from mixjax.app import evaluate
+
+    artifact = export.load(args.path)
+    dataset = data.load(args.data, args.split)
+    scores = evaluate.evaluate(artifact, dataset)
+    print(f"{args.data} {args.split}: {len(dataset.labels)} images")
+    for name, value in scores.items():
+        print(f"{name}: {100 * value:.2f}%")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``mixjax`` command; returns the exit status (0, 2 for errors, 130 on Ctrl-C)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return {"run": _run, "report": _report, "eval": _eval}[args.command](args)
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+    except (UsageError, ValueError, TypeError, OSError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue with `mixjax run --resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

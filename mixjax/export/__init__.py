@@ -1,0 +1,35 @@
+"""Export: compressed artifacts (packed integers, codebooks, sparse positions, Huffman) and
+integer inference.
+
+* :mod:`~mixjax.export.artifact`: :func:`compress`, :func:`save`, :func:`load` and the
+  :class:`Artifact` container (zip or compact; checksummed, no pickle);
+* :mod:`~mixjax.export.records`, :mod:`~mixjax.export.codebook`, :mod:`~mixjax.export.kinds`:
+  the record of each leaf (``"array"``, ``"int"``, ``"codebook"``, ``"sparse"``) and the table of
+  kinds;
+* :mod:`~mixjax.export.huffman`, :mod:`~mixjax.export.positions`,
+  :mod:`~mixjax.export.bitpack` (with :mod:`~mixjax.export.encoding`): Huffman and
+  sparse-position coding, bit packing;
+* :mod:`~mixjax.export.report`: :func:`table`, what each leaf costs;
+* :mod:`~mixjax.export.integer`: :func:`integer_model` and :func:`integer_apply`, a linen model's
+  Dense/Conv layers as int8 x int8 -> int32.
+"""
+
+from mixjax.export.artifact import CONTAINERS, Artifact, compress, load, save
+from mixjax.export.integer import InputQuant, IntLayer, IntModel, integer_apply, integer_model
+from mixjax.export.report import LeafRow, Table, table
+
+__all__ = [
+    "CONTAINERS",
+    "Artifact",
+    "InputQuant",
+    "IntLayer",
+    "IntModel",
+    "LeafRow",
+    "Table",
+    "compress",
+    "integer_apply",
+    "integer_model",
+    "load",
+    "save",
+    "table",
+]

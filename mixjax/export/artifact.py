@@ -1,0 +1,373 @@
+"""Compressed artifacts: real integer tensors (int8, packed int4, ...) with scales, saved safely.
+
+:func:`compress` turns a parameter tree, a transform and its state into an :class:`Artifact`;
+``artifact.params()`` rebuilds the float tree, equal (``==``) to ``transform.apply(params,
+state)``; :func:`save` writes one file atomically and :func:`load` reads it back, checking every
+checksum. Leaves are encoded as records (:mod:`mixjax.export.records`): quantized leaves as
+``"int"`` (int8; 4-bit codes two per byte), the others verbatim as ``"array"``. Leaves with few
+distinct values (clustered, pruned, quantized) become ``"codebook"`` or ``"sparse"`` records
+(:mod:`mixjax.export.codebook`) where those are smaller; :func:`mixjax.export.table` lists what
+each leaf costs.
+
+Two containers hold the same manifest (version 1), chosen by ``compress(..., container=)``:
+
+* ``"zip"``: a zip archive (stored, not deflated; fixed timestamps, so the bytes are
+  reproducible) holding ``manifest.json``: ``{"format": "mixjax.artifact", "version": 1,
+  "leaves": [{"path": ..., **record}, ...], "arrays": {name: sha256 hex of its member},
+  "sha256": ...}``, the last field being the sha256 of the canonical JSON (sorted keys, no
+  spaces) of the manifest without it; and ``arrays/<name>.npy``, one ``.npy`` file per array,
+  read with ``allow_pickle=False``. About 250 bytes per array go to headers.
+* ``"compact"``, for small models where those headers would dominate: the 4 bytes ``MJXA``, a
+  little-endian uint32 ``n``, ``n`` bytes of zlib-deflated canonical JSON ``{"format",
+  "version", "leaves", "arrays": [[name, numpy dtype str, shape], ...]}``, the arrays' raw C-order
+  bytes back to back in that order, and the sha256 (32 raw bytes) of everything before it.
+
+No pickle anywhere. Loading rejects, with an error naming the file: a truncated or corrupted
+file (zip CRC, checksums), a manifest or array whose checksum does not match, an unknown format,
+a newer version, and records that do not decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import os
+import struct
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from mixjax import _checks, select
+from mixjax.core import ParamTransform
+from mixjax.export import kinds
+from mixjax.export.records import Record
+
+__all__ = ["CONTAINERS", "FORMAT", "VERSION", "Artifact", "compress", "load", "save"]
+
+FORMAT = "mixjax.artifact"
+VERSION = 1
+CONTAINERS = ("zip", "compact")
+MAGIC = b"MJXA"
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_DIGEST = 32
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _nested(paths: list[str], values: list[Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in zip(paths, values, strict=True):
+        *parents, last = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return tree
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Artifact:
+    """A compressed parameter tree.
+
+    Attributes:
+      leaves: one record per parameter leaf, in ``jax.tree.leaves`` order, each with its
+        ``"path"`` (see :mod:`mixjax.export.records`).
+      arrays: the arrays the records name (uint8 packed codes, float32 scales, ...).
+      treedef: the parameter tree's structure when made by :func:`compress`; ``None`` after
+        :func:`load`, where :meth:`params` builds nested dicts from the paths.
+      container: ``"zip"`` or ``"compact"``, the file layout :func:`save` writes (module
+        docstring).
+      metadata: JSON-able dict saved in the manifest under ``"metadata"`` (omitted when
+        empty), e.g. the model name and preprocessing ``mixjax eval`` needs; add it with
+        ``dataclasses.replace(artifact, metadata={...})``.
+    """
+
+    leaves: tuple[Record, ...]
+    arrays: Mapping[str, np.ndarray]
+    treedef: Any = None
+    container: str = "zip"
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        kinds = [leaf["kind"] for leaf in self.leaves]
+        counts = ", ".join(f"{k}={kinds.count(k)}" for k in sorted(set(kinds)))
+        return f"Artifact({len(self.leaves)} leaves: {counts}; {self.nbytes} bytes)"
+
+    @property
+    def paths(self) -> list[str]:
+        """The leaf paths, in order."""
+        return [leaf["path"] for leaf in self.leaves]
+
+    def record(self, path: str) -> Record:
+        """The record of the leaf at ``path``; ``KeyError`` if there is none."""
+        for leaf in self.leaves:
+            if leaf["path"] == path:
+                return leaf
+        raise KeyError(f"mixjax.export.Artifact: no leaf {path!r}; leaves are {self.paths}")
+
+    def params(self, like: Any = None) -> Any:
+        """The float parameter tree (NumPy arrays), equal to the fake-quant view it came from.
+
+        Args:
+          like: optional tree whose structure (and paths) to rebuild, e.g. the original params
+            or an ``nnx.State``; default: the compressed tree's structure, or nested dicts keyed
+            by path components after :func:`load`.
+
+        Raises:
+          ValueError: ``like`` has different leaf paths.
+        """
+        values = [kinds.decode(leaf, self.arrays) for leaf in self.leaves]
+        if like is not None:
+            paths = [p for p, _ in select.leaves_with_paths(like)]
+            if paths != self.paths:
+                raise ValueError(
+                    "mixjax.export.Artifact.params: like= has leaves "
+                    f"{paths[:10]}, the artifact has {self.paths[:10]}"
+                )
+            return jax.tree.unflatten(jax.tree.structure(like), values)
+        if self.treedef is not None:
+            return jax.tree.unflatten(self.treedef, values)
+        return _nested(self.paths, values)
+
+    def to_bytes(self) -> bytes:
+        """The file contents :func:`save` writes."""
+        return self._bytes
+
+    @functools.cached_property
+    def _bytes(self) -> bytes:
+        if self.container == "compact":
+            return self._compact_bytes()
+        members = {}
+        for name, array in sorted(self.arrays.items()):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+            members[f"arrays/{name}.npy"] = buf.getvalue()
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "leaves": list(self.leaves),
+            "arrays": {name: _sha256(members[f"arrays/{name}.npy"]) for name in self.arrays},
+            **self._metadata_entry(),
+        }
+        manifest["sha256"] = _sha256(_canonical(manifest))
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr(zipfile.ZipInfo("manifest.json", _ZIP_DATE), json.dumps(manifest))
+            for member, data in members.items():
+                zf.writestr(zipfile.ZipInfo(member, _ZIP_DATE), data)
+        return out.getvalue()
+
+    def _metadata_entry(self) -> dict[str, Any]:
+        return {"metadata": dict(self.metadata)} if self.metadata else {}
+
+    def _compact_bytes(self) -> bytes:
+        names = sorted(self.arrays)
+        arrays = [np.ascontiguousarray(self.arrays[name]) for name in names]
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "leaves": list(self.leaves),
+            "arrays": [[n, a.dtype.str, list(a.shape)] for n, a in zip(names, arrays, strict=True)],
+            **self._metadata_entry(),
+        }
+        head = zlib.compress(_canonical(manifest), 9)
+        body = b"".join([MAGIC, struct.pack("<I", len(head)), head, *(a.tobytes() for a in arrays)])
+        return body + hashlib.sha256(body).digest()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes :func:`save` writes (the whole file: codes, scales, manifest, headers)."""
+        return len(self._bytes)
+
+
+def compress(
+    params: Any, transform: ParamTransform, state: Any, *, container: str = "zip"
+) -> Artifact:
+    """Encodes the view ``transform.apply(params, state)`` leaf by leaf.
+
+    Leaves covered by a quantization state inside ``state`` (a
+    :class:`mixjax.quant.FakeQuantState` or :class:`mixjax.quant.LsqState`, also inside a
+    ``chain`` state; :data:`mixjax.export.kinds.ENCODERS`) become integer records; the others
+    are stored verbatim; a leaf with at most 256 distinct values becomes a ``"codebook"`` record
+    instead where that is smaller (:mod:`mixjax.export.codebook`).
+
+    Args:
+      params: the parameter tree (e.g. a linen ``params`` dict, not the ``{"params": ...}``
+        variables dict, or an ``nnx.State``).
+      transform: the transform (e.g. ``fake_quant(4)`` or a ``chain`` ending in it).
+      state: its state.
+      container: the file layout, ``"zip"`` or ``"compact"`` (module docstring).
+
+    Returns:
+      An :class:`Artifact` whose ``params()`` equals the view.
+
+    Raises:
+      TypeError: ``transform`` is not a ParamTransform.
+      ValueError: a quantized leaf holds NaN/Inf or is not on its grid; an unknown container.
+    """
+    _checks.choice("mixjax.export.compress", "container", container, CONTAINERS)
+    _checks.instance(
+        "mixjax.export.compress", "transform", transform, ParamTransform, "a ParamTransform"
+    )
+    view = jax.device_get(jax.jit(transform.apply)(params, state))
+    arrays: dict[str, np.ndarray] = {}
+
+    def store(array):
+        name = str(len(arrays))
+        arrays[name] = np.asarray(array)
+        return name
+
+    leaves = []
+    encoders = kinds.leaf_encoders(view, state, "mixjax.export.compress")
+    for (path, leaf), encoder in zip(select.leaves_with_paths(view), encoders, strict=True):
+        record = kinds.encode_leaf(path, np.asarray(leaf), encoder, store)
+        leaves.append({"path": path, **record})
+    return Artifact(tuple(leaves), arrays, jax.tree.structure(view), container)
+
+
+def _check_manifest(manifest: Any, fail) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise fail(f"not a mixjax artifact (format {found!r})")
+    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
+        raise fail(f"format version {manifest.get('version')!r}; this mixjax reads {VERSION}")
+
+
+def _read_zip(blob: bytes, fail) -> tuple[dict, dict[str, np.ndarray]]:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(blob))
+        manifest = json.loads(zf.read("manifest.json"))
+    except KeyError:
+        raise fail("not a mixjax artifact (no manifest.json)") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
+        raise fail(f"truncated or corrupted file ({err})") from None
+    _check_manifest(manifest, fail)
+    claimed = manifest.pop("sha256", None)
+    if claimed != _sha256(_canonical(manifest)):
+        raise fail("manifest checksum mismatch (the file is corrupted or was modified)")
+    arrays = {}
+    for name, digest in manifest["arrays"].items():
+        try:
+            data = zf.read(f"arrays/{name}.npy")
+        except KeyError:
+            raise fail(f"array {name!r} is missing") from None
+        except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+            raise fail(f"array {name!r} is corrupted ({err})") from None
+        if _sha256(data) != digest:
+            raise fail(f"array {name!r} checksum mismatch (corrupted or modified)")
+        try:
+            arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as err:
+            raise fail(f"array {name!r} is not a plain .npy array ({err})") from None
+    return manifest, arrays
+
+
+def _read_compact(blob: bytes, fail) -> tuple[dict, dict[str, np.ndarray]]:
+    body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
+    if len(blob) < len(MAGIC) + 4 + _DIGEST or hashlib.sha256(body).digest() != digest:
+        raise fail("checksum mismatch (the file is truncated, corrupted or was modified)")
+    (size,) = struct.unpack_from("<I", body, len(MAGIC))
+    start = len(MAGIC) + 4
+    try:
+        manifest = json.loads(zlib.decompress(body[start : start + size]))
+    except (zlib.error, ValueError) as err:
+        raise fail(f"corrupted manifest ({err})") from None
+    _check_manifest(manifest, fail)
+    offset, arrays = start + size, {}
+    for entry in manifest.get("arrays") or []:
+        try:
+            name, dtype, shape = entry
+            dtype = np.dtype(dtype)
+            count = int(np.prod(shape, dtype=np.int64))
+            if dtype.kind not in "biuf" or not all(isinstance(n, int) and n >= 0 for n in shape):
+                raise TypeError(f"dtype {dtype}, shape {shape}")
+        except (TypeError, ValueError) as err:
+            raise fail(f"bad array entry {entry!r} ({err})") from None
+        end = offset + count * dtype.itemsize
+        if end > len(body):
+            raise fail(f"array {name!r} runs past the end of the data")
+        arrays[name] = np.frombuffer(body, dtype, count, offset).reshape(shape).copy()
+        offset = end
+    if offset != len(body):
+        raise fail(f"{len(body) - offset} bytes follow the last array")
+    return manifest, arrays
+
+
+def load(path: str | os.PathLike) -> Artifact:
+    """Reads an artifact written by :func:`save` (either container), verifying it.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file is truncated, corrupted, tampered with (checksums), of another format
+        or a newer version, or holds records that do not decode; the message names the file.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        blob = f.read()
+
+    def fail(message):
+        return ValueError(f"mixjax.export.load: {path!r}: {message}")
+
+    compact = blob.startswith(MAGIC)
+    manifest, arrays = (_read_compact if compact else _read_zip)(blob, fail)
+    metadata = manifest.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise fail(f"metadata must be a JSON object, got {type(metadata).__name__}")
+    artifact = Artifact(
+        tuple(manifest["leaves"]),
+        arrays,
+        container="compact" if compact else "zip",
+        metadata=metadata,
+    )
+    for leaf in artifact.leaves:
+        try:
+            kinds.decode(leaf, arrays)
+        except (ValueError, TypeError) as err:
+            raise fail(f"leaf {leaf.get('path')!r}: {err}") from None
+    return artifact
+
+
+def save(artifact: Artifact, path: str | os.PathLike) -> str:
+    """Writes ``artifact`` to ``path`` atomically (a temporary file, then ``os.replace``).
+
+    A crash leaves either the previous file or the complete new one, never half a file.
+
+    Returns:
+      ``path`` as a string.
+
+    Raises:
+      TypeError: ``artifact`` is not an :class:`Artifact`.
+      OSError: the file cannot be written.
+    """
+    _checks.instance("mixjax.export.save", "artifact", artifact, Artifact, "an Artifact")
+    path = os.fspath(path)
+    data = artifact.to_bytes()
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(os.path.abspath(path)), prefix=".mixjax-", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path

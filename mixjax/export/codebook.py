@@ -1,0 +1,278 @@
+"""The ``"codebook"`` record kind (shared values + packed / sparse / Huffman-coded indices) and
+the ``"sparse"`` kind (pruned float leaves: positions + nonzero entries).
+
+Deep Compression's storage (Han et al. 2016) for any leaf with few distinct values, whatever
+made them few (``share.cluster``, ``prune``, ``quant.fake_quant``, chained in any order): the
+encoder works from the final view (on a fake-quant grid, it is used only where the leaf has fewer
+distinct values than the grid's codes can tell apart, so plain quantized leaves stay ``"int"``
+for integer inference). Both are *candidates* (:data:`mixjax.export.kinds.CANDIDATES`):
+:func:`mixjax.export.compress` tries them on every floating-point leaf and keeps one where it
+is smaller than the leaf's other encodings (``"array"``, ``"int"``).
+
+Record (``K`` distinct values, ``b = max(1, ceil(log2 K))`` index bits)::
+
+    {"kind": "codebook", "shape", "dtype", "clusters": K, "bits": b,
+     "values": record of shape (K,),     # "int" (codes + scale) when a per-tensor fake-quant
+                                         # grid holds the values, else "array"
+     "indices": stream,                  # one index per stored entry
+     "sparse": null | {"codec": "bitmask" | "relative", "zero": index of +0.0,
+                       "positions": stream, ("gap_bits", "num_entries" for "relative")}}
+
+Values are distinct *bit patterns* of the leaf (so ``-0.0`` and ``+0.0`` stay apart and the
+round trip is bit-exact), ascending by bit pattern. With ``"sparse"``, only the entries that are
+not ``+0.0`` (plus Deep Compression's filler entries) have an index, and ``"positions"`` says
+where they are: a 1-bit mask or ``gap_bits``-bit relative distances
+(:mod:`mixjax.export.positions`, whichever is smaller). A *stream* of small non-negative integers
+is stored as the smaller of ``{"codec": "packed", "bits", "count", "data"}``
+(:func:`mixjax.export.bitpack.pack_bits`) and
+``{"codec": "huffman", "shape", "dtype", "num_bits", "lengths", "stream"}``
+(:func:`mixjax.export.huffman.huffman_encode`, canonical code lengths + bitstream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from mixjax.export import bitpack, records
+from mixjax.export.huffman import huffman_decode, huffman_encode
+from mixjax.export.positions import sparse_decode, sparse_encode
+from mixjax.export.records import ARRAY_OVERHEAD, LeafEncoder, Record, Store
+
+__all__ = [
+    "MAX_CLUSTERS",
+    "decode_codebook",
+    "decode_sparse",
+    "encode_codebook",
+    "encode_sparse",
+]
+
+MAX_CLUSTERS = 256
+# Only compress makes codebook records: the errors of their nested "int" values name it.
+_COMPRESS = "mixjax.export.compress"
+
+
+def _stream_options(
+    symbols: np.ndarray, bits: int, huffman: bool
+) -> list[tuple[dict[str, Any], dict]]:
+    packed = bitpack.pack_bits(symbols, bits)
+    options = [({"codec": "packed", "bits": bits, "count": int(symbols.size)}, {"data": packed})]
+    if huffman and symbols.size:
+        huff = huffman_encode(symbols)
+        arrays = {"lengths": huff.arrays["lengths"], "stream": huff.arrays["bits"]}
+        options.append((huff.meta, arrays))
+    return options
+
+
+def _smallest(options):
+    return min(options, key=lambda o: sum(a.nbytes + ARRAY_OVERHEAD for a in o[1].values()))
+
+
+def _stream(symbols: np.ndarray, bits: int, huffman: bool) -> tuple[dict[str, Any], dict]:
+    """The smaller of the packed and Huffman encodings of uint8 ``symbols < 2**bits``."""
+    return _smallest(_stream_options(symbols.astype(np.uint8), bits, huffman))
+
+
+def _stored(stream: tuple[dict[str, Any], dict], store: Store) -> dict[str, Any]:
+    meta, arrays = stream
+    return {**meta, **{key: store(array) for key, array in arrays.items()}}
+
+
+def _decode_stream(stream: Any, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    if not isinstance(stream, dict):
+        raise ValueError(f"bad index stream {stream!r}")
+    codec = stream.get("codec")
+    if codec == "packed":
+        bits, count = stream.get("bits"), stream.get("count")
+        if not isinstance(bits, int) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"bad packed stream bits={bits!r} count={count!r}")
+        return bitpack.unpack_bits(records.field(stream, "data", arrays), bits, count)
+    if codec == "huffman":
+        fields = {k: records.field(stream, k, arrays) for k in ("lengths", "stream")}
+        symbols = huffman_decode(stream, {"lengths": fields["lengths"], "bits": fields["stream"]})
+        return symbols.reshape(-1)
+    raise ValueError(f"unknown stream codec {codec!r}")
+
+
+def _sparse(
+    values: np.ndarray, zero: int, value_bits: int, huffman: bool
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Positions (a stream in ``meta["positions"]``) and entries of the 1-D ``values != zero``."""
+    sparse = sparse_encode(values, zero=zero, value_bits=value_bits)
+    meta = {k: v for k, v in sparse.meta.items() if k != "shape"}
+    if meta["codec"] == "bitmask":
+        gaps, gap_bits = bitpack.unpack_bits(sparse.arrays["mask"], 1, values.size), 1
+    else:
+        gap_bits = meta["gap_bits"]
+        gaps = bitpack.unpack_bits(sparse.arrays["gaps"], gap_bits, meta["num_entries"])
+    meta["positions"] = _stream(gaps, gap_bits, huffman)
+    return meta, sparse.arrays["values"]
+
+
+def _expand(
+    sparse: Any, entries: np.ndarray, size: int, arrays: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    """Inverse of :func:`_sparse` (with stored streams): the ``size`` values, 1-D."""
+    if not isinstance(sparse, dict):
+        raise ValueError(f"bad sparse field {sparse!r}")
+    positions = _decode_stream(sparse.get("positions"), arrays)
+    gap_bits = 1 if sparse.get("codec") == "bitmask" else sparse.get("gap_bits")
+    if not isinstance(gap_bits, int) or not 1 <= gap_bits <= 8:
+        raise ValueError(f"bad gap_bits={gap_bits!r}")
+    key = "mask" if sparse.get("codec") == "bitmask" else "gaps"
+    meta = {**sparse, "shape": [size]}
+    return sparse_decode(meta, {key: bitpack.pack_bits(positions, gap_bits), "values": entries})
+
+
+def encode_sparse(
+    path: str, leaf: np.ndarray, encoder: LeafEncoder | None, store: Store
+) -> Record | None:
+    """The ``"sparse"`` record of a floating-point leaf with ``+0.0`` entries: where the other
+    entries are (a stream, as in a codebook's ``"sparse"`` field) and those entries verbatim.
+
+    Record: ``{"kind": "sparse", "shape", "dtype", "sparse": {"codec", "zero": 0, "positions",
+    ...}, "values": "array" record of the stored entries (fillers hold +0.0)}``.
+
+    Returns:
+      The record, or ``None`` for non-float leaves, leaves without ``+0.0``, and leaves that a
+      quantization grid covers (their ``"int"`` record is the smaller way to store them).
+    """
+    if encoder is not None or not jnp.issubdtype(leaf.dtype, jnp.floating):
+        return None
+    pattern = leaf.reshape(-1).view(np.dtype(f"u{leaf.dtype.itemsize}"))
+    if not np.any(pattern == 0):
+        return None
+    meta, entries = _sparse(pattern, 0, 8 * leaf.dtype.itemsize, True)
+    return {
+        "kind": "sparse",
+        "shape": list(leaf.shape),
+        "dtype": str(leaf.dtype),
+        "sparse": {**meta, "positions": _stored(meta["positions"], store)},
+        "values": records.encode_array(path, entries.view(leaf.dtype), store),
+    }
+
+
+def decode_sparse(record: Record, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The leaf of a ``"sparse"`` record (validated)."""
+    shape, dtype = records.shape_dtype(record)
+    entries = records.decode_plain(record.get("values"), arrays)
+    if entries.ndim != 1 or entries.dtype != dtype:
+        raise ValueError(f"the stored entries must be 1-D {dtype}, got {entries.dtype}")
+    pattern = entries.view(np.dtype(f"u{dtype.itemsize}"))
+    size = int(np.prod(shape, dtype=np.int64))
+    return _expand(record.get("sparse"), pattern, size, arrays).view(dtype).reshape(shape)
+
+
+def _int_record(path: str, leaf: np.ndarray, encoder: Any) -> tuple[Record, Any]:
+    """The leaf's ``"int"`` record (with its arrays) and decoded grid."""
+    scratch: dict[str, np.ndarray] = {}
+
+    def keep(array):
+        scratch[str(len(scratch))] = np.asarray(array)
+        return str(len(scratch) - 1)
+
+    record = encoder(path, leaf, keep)
+    return record, records.decode_int(record, scratch)
+
+
+def _values_record(values: np.ndarray, grid: Any, path: str, store: Store) -> Record:
+    """``values`` as ints + the leaf's scale when a per-tensor grid holds them, else verbatim."""
+    if grid is not None:
+        # The int grid would turn -0.0 into +0.0; those codebooks stay verbatim (bit-exact).
+        if grid.scale.size == 1 and not np.any(np.signbit(values) & (values == 0)):
+            encode = records.int_encoder(
+                grid.scale.reshape(()), grid.zero_point.reshape(()), fn_name=_COMPRESS
+            )
+            return encode(path, values, store)
+    return records.encode_array(path, values, store)
+
+
+def encode_codebook(
+    path: str,
+    leaf: np.ndarray,
+    encoder: LeafEncoder | None,
+    store: Store,
+    *,
+    huffman: bool = True,
+) -> Record | None:
+    """The ``"codebook"`` record of a floating-point leaf with at most 256 distinct values.
+
+    Args:
+      path: the leaf's path.
+      leaf: the view leaf (any floating dtype, any shape).
+      encoder: the leaf's covering encoder (a fake-quant grid), used for the values; or None.
+        With one, leaves whose index bits would not be fewer than the grid's code bits get
+        ``None`` (they stay ``"int"``).
+      store: saves an array, returns its name.
+      huffman: try Huffman coding for the streams (``False``: packed bits only, e.g. to
+        measure what Huffman coding saves).
+
+    Returns:
+      The record (module docstring), or ``None`` for non-float or empty leaves and leaves with
+      more than :data:`MAX_CLUSTERS` distinct values.
+    """
+    if not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.size == 0:
+        return None
+    pattern = leaf.reshape(-1).view(np.dtype(f"u{leaf.dtype.itemsize}"))
+    unique, inverse = np.unique(pattern, return_inverse=True)
+    if unique.size > MAX_CLUSTERS:
+        return None
+    clusters = int(unique.size)
+    bits = max(1, (clusters - 1).bit_length())
+    grid = None
+    if encoder is not None:
+        record, grid = _int_record(path, leaf, encoder)
+        # On a quantization grid, a codebook only where clustering left fewer values than the
+        # grid's codes can tell apart: plain quantized leaves keep their "int" records, which
+        # the integer inference path (mixjax.export.integer) runs on.
+        if bits >= record["bits"]:
+            return None
+    indices = inverse.reshape(-1).astype(np.uint8)
+    dense = (None, _stream(indices, bits, huffman))
+    options = [dense]
+    zero = np.flatnonzero(unique == 0)
+    if zero.size:
+        meta, entries = _sparse(indices, int(zero[0]), bits, huffman)
+        options.append((meta, _stream(entries, bits, huffman)))
+
+    def size(option):
+        meta, stream = option
+        streams = [stream] + ([] if meta is None else [meta["positions"]])
+        return sum(a.nbytes + ARRAY_OVERHEAD for _, arrays in streams for a in arrays.values())
+
+    meta, stream = min(options, key=size)
+    if meta is not None:
+        meta = {**meta, "positions": _stored(meta["positions"], store)}
+    return {
+        "kind": "codebook",
+        "shape": list(leaf.shape),
+        "dtype": str(leaf.dtype),
+        "clusters": clusters,
+        "bits": bits,
+        "values": _values_record(unique.view(leaf.dtype), grid, path, store),
+        "indices": _stored(stream, store),
+        "sparse": meta,
+    }
+
+
+def decode_codebook(record: Record, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The leaf of a ``"codebook"`` record (validated)."""
+    shape, dtype = records.shape_dtype(record)
+    size = int(np.prod(shape, dtype=np.int64))
+    clusters = record.get("clusters")
+    if not isinstance(clusters, int) or not 1 <= clusters <= MAX_CLUSTERS:
+        raise ValueError(f"bad clusters={clusters!r}")
+    values = records.decode_plain(record.get("values"), arrays)
+    if values.shape != (clusters,):
+        raise ValueError(f"the codebook values must have shape ({clusters},)")
+    indices = _decode_stream(record.get("indices"), arrays)
+    if record.get("sparse") is not None:
+        indices = _expand(record["sparse"], indices, size, arrays)
+    if indices.size != size:
+        raise ValueError(f"{indices.size} indices for {size} entries")
+    if size and int(indices.max()) >= clusters:
+        raise ValueError(f"index {int(indices.max())} past the {clusters} codebook values")
+    return values.astype(dtype)[indices.astype(np.int64)].reshape(shape)

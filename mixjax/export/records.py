@@ -1,0 +1,258 @@
+"""Records: how one parameter leaf is stored in an artifact, and the two plain kinds.
+
+A *record* is a small JSON-able dict describing one leaf, ``{"kind", "shape", "dtype", ...}``,
+whose array fields hold *names* of arrays stored beside it (:mod:`mixjax.export.artifact` has
+the file format). This module holds what every kind shares (:func:`field`, :func:`shape_dtype`,
+:func:`record_nbytes`, :data:`ARRAY_OVERHEAD`) and the two plain kinds; the table of every kind
+is :mod:`mixjax.export.kinds`:
+
+* ``"array"``: the leaf stored verbatim (``"data"``; bfloat16 and other dtypes that ``.npy`` files
+  cannot name are stored as float32, which holds them exactly);
+* ``"int"``: integer codes ``q`` with ``float = (q - zero_point) * scale``: ``"codes"`` packed
+  ``bits`` per code with :func:`mixjax.export.bitpack.pack_bits` (two's complement when
+  ``"signed"``) for ``bits <= 8``, an int16/uint16 array above; ``"scale"`` float32 of a
+  keepdims shape broadcasting against ``shape``; ``"zero_point"`` int32 of that shape, or
+  ``null`` when all zero. ``bits`` is the fewest that hold the leaf's codes (at most the grid's:
+  int8 for 8-bit quantization, two codes per byte for 4-bit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from mixjax import select
+from mixjax.export import bitpack
+from mixjax.quant.grids import TINY
+
+__all__ = [
+    "ARRAY_OVERHEAD",
+    "PLAIN_KINDS",
+    "IntTensor",
+    "LeafEncoder",
+    "Record",
+    "Store",
+    "decode_array",
+    "decode_int",
+    "decode_int_values",
+    "decode_plain",
+    "decode_with",
+    "encode_array",
+    "field",
+    "int_encoder",
+    "record_arrays",
+    "record_nbytes",
+    "shape_dtype",
+]
+
+Record = dict[str, Any]
+Store = Callable[[np.ndarray], str]
+LeafEncoder = Callable[[str, np.ndarray, Store], Record]
+# What a record field costs besides its bytes (its manifest entry), when comparing encodings.
+ARRAY_OVERHEAD = 16
+# Record fields that hold strings which are not array names.
+_NOT_ARRAYS = frozenset({"path", "kind", "dtype", "codec"})
+
+
+class IntTensor(NamedTuple):
+    """A decoded ``"int"`` record: ``float = (q - zero_point) * scale``.
+
+    Attributes:
+      q: int8 (``bits <= 8``) or int16/uint16 array of the leaf's shape.
+      scale: float32, keepdims shape broadcasting against ``q`` (``(1, ..., 1, C)`` or ``()``).
+      zero_point: int32 of ``scale``'s shape.
+    """
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+
+def field(record: Record, key: str, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The array that field ``key`` of ``record`` names; ``ValueError`` if there is none."""
+    name = record.get(key)
+    if name not in arrays:
+        raise ValueError(f"field {key!r} names array {name!r}, which the artifact does not hold")
+    return arrays[name]
+
+
+def shape_dtype(record: Record) -> tuple[tuple[int, ...], np.dtype]:
+    """The validated ``"shape"`` and ``"dtype"`` of a record."""
+    shape = record.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise ValueError(f"bad shape {shape!r}")
+    try:
+        dtype = jnp.dtype(record.get("dtype"))
+    except TypeError as err:
+        raise ValueError(f"bad dtype {record.get('dtype')!r}") from err
+    return tuple(shape), dtype
+
+
+def decode_int(record: Record, arrays: Mapping[str, np.ndarray]) -> IntTensor:
+    """The integer codes, scale and zero point of an ``"int"`` record (validated)."""
+    shape, _ = shape_dtype(record)
+    width, signed = record.get("bits"), record.get("signed")
+    if not isinstance(width, int) or not 1 <= width <= 16 or not isinstance(signed, bool):
+        raise ValueError(f"bad bits={width!r} / signed={signed!r}")
+    count = int(np.prod(shape, dtype=np.int64))
+    codes = field(record, "codes", arrays)
+    if width <= 8:
+        codes = bitpack.unpack_bits(codes, width, count)
+    elif codes.dtype != (np.int16 if signed else np.uint16) or codes.size != count:
+        raise ValueError(f"codes of {width} bits must be {count} 16-bit integers")
+    q = (bitpack.to_signed(codes, width) if signed and width <= 8 else codes).reshape(shape)
+    scale = field(record, "scale", arrays)
+    zero_point = (
+        np.zeros(scale.shape, np.int32)
+        if record.get("zero_point") is None
+        else field(record, "zero_point", arrays)
+    )
+    if scale.dtype != np.float32 or zero_point.dtype != np.int32:
+        raise ValueError(f"scale/zero_point dtypes {scale.dtype}/{zero_point.dtype}")
+    try:
+        fits = scale.shape == zero_point.shape and np.broadcast_shapes(scale.shape, shape) == shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"scale {scale.shape} does not broadcast against shape {shape}")
+    return IntTensor(q, scale, zero_point)
+
+
+def decode_int_values(record: Record, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The float leaf of an ``"int"`` record: ``(q - zero_point) * scale`` in its dtype."""
+    _, dtype = shape_dtype(record)
+    t = decode_int(record, arrays)
+    values = (t.q.astype(np.int32) - t.zero_point).astype(np.float32) * t.scale
+    return values.astype(dtype)
+
+
+def decode_array(record: Record, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The leaf of an ``"array"`` record, checked against its shape, in its dtype."""
+    shape, dtype = shape_dtype(record)
+    data = field(record, "data", arrays)
+    if data.shape != shape:
+        raise ValueError(f"data has shape {data.shape}, the record says {shape}")
+    return data.astype(dtype)
+
+
+PLAIN_KINDS: dict[str, Callable[[Record, Mapping[str, np.ndarray]], np.ndarray]] = {
+    "array": decode_array,
+    "int": decode_int_values,
+}
+
+
+def decode_with(
+    decoders: Mapping[str, Callable[[Record, Mapping[str, np.ndarray]], np.ndarray]],
+    record: Any,
+    arrays: Mapping[str, np.ndarray],
+) -> np.ndarray:
+    """Decodes ``record`` with the decoder its ``"kind"`` names in ``decoders``.
+
+    Raises:
+      ValueError: not a record, a kind ``decoders`` does not know, or a record that does not
+        decode.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a dict, got {record!r}")
+    kind = record.get("kind")
+    if kind not in decoders:
+        raise ValueError(f"unknown kind {kind!r} (known here: {sorted(decoders)})")
+    return decoders[kind](record, arrays)
+
+
+def decode_plain(record: Record, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Decodes a record nested in another (a codebook's values): ``"array"`` or ``"int"``.
+
+    Raises:
+      ValueError: a record of another kind, or one that does not decode.
+    """
+    return decode_with(PLAIN_KINDS, record, arrays)
+
+
+def encode_array(path: str, leaf: np.ndarray, store: Store) -> Record:
+    """The ``"array"`` record of a leaf kept as it is."""
+    del path
+    data = leaf if np.dtype(leaf.dtype.str) == leaf.dtype else leaf.astype(np.float32)
+    return {
+        "kind": "array",
+        "shape": list(leaf.shape),
+        "dtype": str(leaf.dtype),
+        "data": store(data),
+    }
+
+
+def _min_bits(lo: int, hi: int) -> tuple[int, bool]:
+    if lo >= 0:
+        return max(1, int(hi).bit_length()), False
+    return max(int(-lo - 1).bit_length(), int(hi).bit_length()) + 1, True
+
+
+def int_encoder(scale: Any, zero_point: Any = None, *, fn_name: str) -> LeafEncoder:
+    """An encoder for a leaf on the grid ``(q - zero_point) * scale`` (see the module docstring).
+
+    Args:
+      scale: the grid's float32 scale, broadcasting against the leaf.
+      zero_point: its integer zero point (of ``scale``'s shape), ``None`` for 0.
+      fn_name: the public function the encoder works for (``"mixjax.export.compress"``), which
+        its errors name.
+
+    Raises (when called):
+      ValueError: the view holds NaN/Inf, or is not exactly on that grid.
+    """
+    scale = np.maximum(np.asarray(scale, np.float32), np.float32(TINY))
+    zp = np.zeros(scale.shape, np.int32) if zero_point is None else np.asarray(zero_point)
+    zp = zp.astype(np.int32)
+
+    def encode(path, leaf, store):
+        if not np.all(np.isfinite(leaf)):
+            raise ValueError(f"{fn_name}: {select.describe(path, leaf)} holds NaN/Inf values")
+        q = np.round(leaf.astype(np.float64) / scale).astype(np.int64) + zp
+        back = (q - zp).astype(np.float32) * scale
+        if not np.array_equal(back.astype(leaf.dtype), leaf):
+            raise ValueError(
+                f"{fn_name}: {select.describe(path, leaf)} is not on the integer grid of its "
+                "fake-quant state (is another transform chained after fake_quant?)"
+            )
+        width, signed = _min_bits(int(q.min(initial=0)), int(q.max(initial=0)))
+        if width <= 8:
+            codes = bitpack.pack_bits(bitpack.to_unsigned(q, width) if signed else q, width)
+        else:
+            codes = q.astype(np.int16 if signed else np.uint16)
+        return {
+            "kind": "int",
+            "shape": list(leaf.shape),
+            "dtype": str(leaf.dtype),
+            "bits": width,
+            "signed": signed,
+            "codes": store(codes),
+            "scale": store(scale),
+            "zero_point": store(zp) if np.any(zp) else None,
+        }
+
+    return encode
+
+
+def record_arrays(record: Record, arrays: Mapping[str, np.ndarray]) -> set[str]:
+    """Names of the arrays (keys of ``arrays``) a record, with its nested records, refers to."""
+    names: set[str] = set()
+
+    def walk(node, key=None):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, k)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, key)
+        elif isinstance(node, str) and key not in _NOT_ARRAYS and node in arrays:
+            names.add(node)
+
+    walk(record)
+    return names
+
+
+def record_nbytes(record: Record, arrays: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the arrays a record (with its nested records) refers to."""
+    return int(sum(np.asarray(arrays[n]).nbytes for n in record_arrays(record, arrays)))

@@ -1,0 +1,340 @@
+"""Weight clustering (weight sharing) as a :class:`~mixjax.core.ParamTransform`.
+
+Each selected leaf (or each output channel, the last axis, with ``per_channel=True``) is reduced
+to at most ``num_clusters`` distinct values by 1-D k-means (:mod:`mixjax.share.kmeans`). Two modes:
+
+* ``mode="fixed"`` (Deep Compression, Han et al. 2016): assignments are fixed between
+  re-clusterings and the centroids are trained. **Where the centroids live:** in the stored
+  weights. A centroid is the mean of the stored weights of its members, so the view is
+  ``centroids[assignments]`` with ``centroids = segment_mean(weights, assignments)`` (which, right
+  after k-means, is exactly the k-means codebook). Through :func:`mixjax.share.tie`,
+  ``jax.grad`` gives *every* member weight its centroid's gradient, the sum of the gradients of
+  all members' view entries.
+  Since the members of a cluster always receive the same gradient, any elementwise optax optimizer
+  (SGD, momentum, Adam, decoupled weight decay, ...) moves them all by the same step, so their
+  mean, the centroid, takes exactly the step a directly trained centroid would: a normal optax
+  loop over ``params`` trains the centroids, nothing else is needed. (Global-norm clipping sees
+  each centroid's gradient once per member.) The stored weights keep their individual offsets
+  from the mean; the view never shows them.
+* ``mode="reassign"`` (TFMOT): the centroids live in the state; every forward assigns each weight
+  to its nearest centroid, with a straight-through gradient to the stored weight. Centroids are
+  refreshed by k-means when the transform re-clusters (``update_every``), and stay put without.
+
+Training recipe (either mode)::
+
+    transform = mixjax.share.cluster(16)
+    state = transform.init(params)
+    loss_of = lambda p: loss(model.apply({"params": transform.apply(p, state)}, x), y)
+    grads = jax.grad(loss_of)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    state = transform.update(params, state, step)   # re-clusters every `update_every` steps
+
+``preserve_sparsity=True`` keeps zeros: k-means runs on the nonzero weights only with
+``num_clusters - 1`` centroids, zero is the pinned remaining value that never moves, and every
+weight that is zero in the input view (e.g. pruned by a transform chained before this one) is
+exactly zero in the output view. Zero counts among the ``num_clusters`` values, also in leaves
+that have no zeros (pass ``preserve_sparsity=False`` for dense layers to use all of them); that
+keeps at most ``num_clusters`` values per leaf even when pruning zeroes more weights later.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixjax import _checks, select
+from mixjax.core import Params, ParamTransform, multiples_of, never, update_when_due
+from mixjax.share import kmeans
+from mixjax.share.tying import straight_through, tie
+
+__all__ = ["MODES", "ClusterState", "Codebook", "cluster", "codebook", "reconstruct"]
+
+MODES = ("fixed", "reassign")
+
+
+class ClusterState(NamedTuple):
+    """State of :func:`cluster`: two mirror trees (params' structure, ``None`` where unclustered).
+
+    With ``K = num_clusters`` and ``F`` free centroids (``K - 1`` with ``preserve_sparsity``, else
+    ``K``):
+
+    Attributes:
+      assignments: ``mode="fixed"``: array of the leaf's shape (uint8 when ``K <= 256``, else
+        int32), each weight's cluster in ``[0, F)``; with ``preserve_sparsity``, weights that
+        were zero when clustered hold ``F``, the pinned zero. ``None`` at every leaf in
+        ``mode="reassign"``.
+      centroids: ``mode="reassign"``: float32, ``(F,)`` per leaf or ``(C, F)`` per output channel
+        (``C`` = last axis), ascending. ``None`` at every leaf in ``mode="fixed"``, whose
+        centroids are the member means of the stored weights.
+    """
+
+    assignments: Params
+    centroids: Params
+
+
+def _to_groups(x: jax.Array, per_channel: bool) -> jax.Array:
+    """Leaf ``(..., C)`` -> ``(C, n)`` per channel, or ``(1, size)``."""
+    if per_channel:
+        return x.reshape(-1, x.shape[-1]).T
+    return x.reshape(1, -1)
+
+
+def _from_groups(groups: jax.Array, shape: tuple[int, ...], per_channel: bool) -> jax.Array:
+    return (groups.T if per_channel else groups).reshape(shape)
+
+
+def _live(x: jax.Array, preserve_sparsity: bool) -> jax.Array:
+    return x != 0 if preserve_sparsity else jnp.ones(x.shape, bool)
+
+
+# Module-level jits: one program per leaf shape and configuration, shared by all transforms,
+# also when ``apply`` runs eagerly.
+@functools.partial(jax.jit, static_argnames=("free", "per_channel", "preserve_sparsity"))
+def _fixed_view(x, assignments, free, per_channel, preserve_sparsity):
+    channels = x.shape[-1] if per_channel else 1
+    channel = jnp.arange(x.size, dtype=jnp.int32) % channels
+    assignments = assignments.astype(jnp.int32)
+    ids = channel.reshape(x.shape) * free + jnp.minimum(assignments, free - 1)
+    live = _live(x, preserve_sparsity) & (assignments < free)
+    return tie(x, ids, live, channels * free)
+
+
+@functools.partial(jax.jit, static_argnames=("per_channel", "preserve_sparsity"))
+def _reassign_view(x, centroids, per_channel, preserve_sparsity):
+    groups = _to_groups(x.astype(jnp.float32), per_channel)
+    centroids = centroids if per_channel else centroids[None]
+    codes = kmeans.assign(groups, centroids)
+    q = _from_groups(jnp.take_along_axis(centroids, codes, axis=-1), x.shape, per_channel)
+    q = jnp.where(_live(x, preserve_sparsity), q, 0.0)
+    return straight_through(x, q)
+
+
+class _Clustering(NamedTuple):
+    """The static configuration of a clustering transform (see :func:`cluster`)."""
+
+    free: int  # centroids k-means fits: num_clusters, less the pinned zero
+    per_channel: bool
+    preserve_sparsity: bool
+    init: str
+    max_iterations: int
+    bins: int
+    fixed: bool  # mode == "fixed"
+    index_dtype: type
+
+
+def _fit_leaves(c: _Clustering, key, leaves):
+    """``(centroids, assignments)`` of each leaf; same-size groups of all leaves fit at once."""
+    # float32 before fitting (as the fit computes anyway): one program for every leaf dtype.
+    groups = [_to_groups(x.astype(jnp.float32), c.per_channel) for x in leaves]
+    masks = [_to_groups(_live(x, c.preserve_sparsity), c.per_channel) for x in leaves]
+    by_size: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_size.setdefault(g.shape[1], []).append(i)
+    results = [None] * len(leaves)
+    for size, members in by_size.items():
+        bucket_key = None if key is None else jax.random.fold_in(key, size)
+        fit = kmeans.fit(
+            bucket_key,
+            jnp.concatenate([groups[i] for i in members]),
+            c.free,
+            init=c.init,
+            mask=jnp.concatenate([masks[i] for i in members]),
+            max_iterations=c.max_iterations,
+            bins=c.bins,
+        )
+        offsets = np.cumsum([0] + [groups[i].shape[0] for i in members])
+        for j, i in enumerate(members):
+            lo, hi = offsets[j], offsets[j + 1]
+            assignments = jnp.where(~masks[i], c.free, fit.assignments[lo:hi])
+            assignments = _from_groups(
+                assignments.astype(c.index_dtype), leaves[i].shape, c.per_channel
+            )
+            centroids = fit.centroids[lo:hi] if c.per_channel else fit.centroids[lo]
+            results[i] = (centroids, assignments)
+    return results
+
+
+def _cluster_tree(c: _Clustering, key, params, chosen) -> ClusterState:
+    flat, treedef = jax.tree_util.tree_flatten(params)
+    hits = jax.tree_util.tree_leaves(chosen)
+    results = iter(_fit_leaves(c, key, [x for x, hit in zip(flat, hits, strict=True) if hit]))
+    assignments, centroids = [], []
+    for hit in hits:
+        cents, assigned = next(results) if hit else (None, None)
+        assignments.append(assigned if c.fixed else None)
+        centroids.append(None if c.fixed else cents)
+    return ClusterState(treedef.unflatten(assignments), treedef.unflatten(centroids))
+
+
+def _view(c: _Clustering, params, state: ClusterState):
+    if c.fixed:
+        return jax.tree.map(
+            lambda x, a: (
+                x if a is None else _fixed_view(x, a, c.free, c.per_channel, c.preserve_sparsity)
+            ),
+            params,
+            state.assignments,
+        )
+    return jax.tree.map(
+        lambda x, m: x if m is None else _reassign_view(x, m, c.per_channel, c.preserve_sparsity),
+        params,
+        state.centroids,
+    )
+
+
+def cluster(
+    num_clusters: int = 16,
+    *,
+    init: str = "optimal",
+    per_channel: bool = False,
+    mode: str = "fixed",
+    preserve_sparsity: bool = True,
+    update_every: int | None = None,
+    max_iterations: int = kmeans.DEFAULT_MAX_ITERATIONS,
+    bins: int = kmeans.DEFAULT_BINS,
+    key: jax.Array | None = None,
+    where: select.Where = None,
+) -> ParamTransform:
+    """Weight clustering: at most ``num_clusters`` distinct values per leaf (or output channel).
+
+    See the module docstring for the two modes, where trained centroids live, and the recipe.
+
+    Args:
+      num_clusters: ``K >= 2``, the number of distinct values per leaf / channel (zero included
+        when ``preserve_sparsity``); at most the number of weights per leaf / channel.
+      init: centroid initialization, one of :data:`mixjax.share.kmeans.INITS`.
+      per_channel: cluster each output channel (last axis of the kernel) separately.
+      mode: ``"fixed"`` (Deep Compression: fixed assignments, trained centroids) or
+        ``"reassign"`` (TFMOT: nearest centroid at every forward, straight-through gradient).
+      preserve_sparsity: keep zeros of the input view exactly zero; zero is a pinned centroid.
+      update_every: re-cluster (k-means from ``init`` on the current input weights) at the
+        steps ``t`` with ``t % update_every == 0`` (:func:`mixjax.multiples_of`), inside
+        ``jit`` via ``lax.cond``; ``None``: cluster once, at ``init``.
+      max_iterations: cap on Lloyd iterations (:func:`mixjax.share.kmeans.fit`).
+      bins: histogram size above which k-means runs on a histogram
+        (:func:`mixjax.share.kmeans.fit`).
+      key: ``jax.random`` key, required by ``init="kmeans++"`` and ``"random"``; each leaf and
+        each re-clustering step get a key folded from it.
+      where: which leaves to cluster (:mod:`mixjax.select`; default: float kernels, ndim >= 2).
+
+    Returns:
+      A :class:`~mixjax.ParamTransform` whose state is a :class:`ClusterState`.
+
+    Raises:
+      TypeError / ValueError: ``num_clusters < 2``, unknown ``init`` or ``mode``, a random
+        ``init`` without ``key``, bad ``update_every``/``max_iterations``/``bins``; at
+        ``init``: a leaf or channel with fewer weights than ``num_clusters``, a selected leaf
+        that is not floating point.
+    """
+    name = "mixjax.share.cluster"
+    k = _checks.integer(name, "num_clusters", num_clusters, 2)
+    _checks.choice(name, "init", init, kmeans.INITS)
+    _checks.choice(name, "mode", mode, MODES)
+    if init in kmeans.RANDOM_INITS and key is None:
+        raise ValueError(f"{name}: init={init!r} is random and needs key=jax.random.key(...)")
+    if key is not None:
+        _checks.key(name, "key", key)
+    update_every = _checks.integer(name, "update_every", update_every, 1, optional=True)
+    c = _Clustering(
+        free=k - 1 if preserve_sparsity else k,
+        per_channel=_checks.boolean(name, "per_channel", per_channel),
+        preserve_sparsity=_checks.boolean(name, "preserve_sparsity", preserve_sparsity),
+        init=init,
+        max_iterations=_checks.integer(name, "max_iterations", max_iterations, 0),
+        bins=_checks.integer(name, "bins", bins, 2),
+        fixed=mode == "fixed",
+        index_dtype=jnp.uint8 if k <= 256 else jnp.int32,
+    )
+    due = never if update_every is None else multiples_of(update_every)
+
+    def check_leaf(path, leaf):
+        per_group = leaf.size // leaf.shape[-1] if (per_channel and leaf.ndim) else leaf.size
+        if per_group < k:
+            unit = "output channel" if per_channel else "leaf"
+            raise ValueError(
+                f"{name}: {select.describe(path, leaf)}: num_clusters={k} exceeds the "
+                f"{per_group} weights per {unit}"
+            )
+
+    def selected(params):
+        chosen = select.selection(name, params, where)
+        select.mirror(check_leaf, params, chosen)
+        return chosen
+
+    def apply_fn(params, state):
+        _checks.instance(name, "state", state, ClusterState, "a ClusterState")
+        if c.fixed:
+            select.check_mirror_shapes(name, params, state.assignments, "assignments")
+        else:
+            select.check_mirror(name, params, state.centroids, "centroids")
+        return _view(c, params, state)
+
+    def update_fn(params, state, step, **extra):
+        del extra
+        step_key = None if key is None else jax.random.fold_in(key, step)
+        refresh = lambda: _cluster_tree(c, step_key, params, selected(params))
+        return update_when_due(due, step, refresh, state)
+
+    return ParamTransform(
+        lambda params: _cluster_tree(c, key, params, selected(params)), apply_fn, update_fn, due=due
+    )
+
+
+class Codebook(NamedTuple):
+    """A clustered leaf as a codebook and indices (host NumPy arrays).
+
+    Attributes:
+      centroids: ``(K,)`` per leaf or ``(C, K)`` per output channel (``C`` = last axis), the
+        leaf's dtype, ascending; entries past a group's distinct values repeat its largest.
+      indices: ``uint8`` (``uint16`` when ``K > 256``), the leaf's shape; the value of each weight
+        is its group's ``centroids[index]``.
+    """
+
+    centroids: np.ndarray
+    indices: np.ndarray
+
+
+def codebook(view: jax.Array, num_clusters: int, *, per_channel: bool = False) -> Codebook:
+    """Splits a clustered view (at most ``num_clusters`` values per group) into a codebook.
+
+    Works for both modes of :func:`cluster` (give it the view that ``apply`` returned), and
+    :func:`reconstruct` gives the view back bit for bit.
+
+    Raises:
+      ValueError: a group has more than ``num_clusters`` distinct values, or ``num_clusters``
+        is not in ``[1, 65536]``.
+    """
+    name = "mixjax.share.codebook"
+    num_clusters = _checks.integer(name, "num_clusters", num_clusters, 1, 65536)
+    view = np.asarray(view)
+    groups = view.reshape(-1, view.shape[-1]).T if per_channel else view.reshape(1, -1)
+    index_dtype = np.uint8 if num_clusters <= 256 else np.uint16
+    centroids = np.empty((groups.shape[0], num_clusters), view.dtype)
+    indices = np.empty(groups.shape, index_dtype)
+    for g, values in enumerate(groups):
+        unique, inverse = np.unique(values, return_inverse=True)
+        if unique.size > num_clusters:
+            where = f"output channel {g}" if per_channel else "the leaf"
+            raise ValueError(
+                f"{name}: {where} of shape {view.shape} has {unique.size} distinct values, "
+                f"more than num_clusters={num_clusters}"
+            )
+        centroids[g, : unique.size] = unique
+        centroids[g, unique.size :] = unique[-1]
+        indices[g] = inverse.reshape(-1)
+    indices = (indices.T if per_channel else indices).reshape(view.shape)
+    return Codebook(centroids if per_channel else centroids[0], indices)
+
+
+def reconstruct(book: Codebook) -> np.ndarray:
+    """The leaf a :class:`Codebook` encodes: ``centroids[indices]`` (per channel when 2-D)."""
+    centroids, indices = np.asarray(book.centroids), np.asarray(book.indices)
+    if centroids.ndim == 1:
+        return centroids[indices]
+    flat = indices.reshape(-1, indices.shape[-1]).astype(np.int64)
+    return np.take_along_axis(centroids.T, flat, axis=0).reshape(indices.shape)
