@@ -95,7 +95,10 @@ def as_schedule(value: ScalarOrSchedule) -> Schedule:
     if callable(value):
         return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-        raise TypeError(f"expected a float or a schedule (step -> value), got {value!r}")
+        raise TypeError(
+            "mixjax.schedules.as_schedule: expected a float or a schedule (step -> value), "
+            f"got {value!r}"
+        )
     return constant(float(value))
 
 

@@ -199,11 +199,12 @@ def mirror(fn: Callable[..., Any], params: Any, chosen: Any, *rest: Any) -> Any:
 
 
 def check_mirror(fn_name: str, params: Any, state_tree: Any, name: str = "state") -> None:
-    """Raises ``ValueError`` unless ``state_tree`` mirrors ``params`` (same paths, same shapes).
+    """Raises ``ValueError`` unless ``state_tree`` mirrors ``params``' structure (same paths).
 
-    A mirror tree may hold ``None`` or a structured value (e.g. a NamedTuple) at each leaf of
-    ``params``; where it holds an array whose shape differs from the parameter's, that is an error
-    too, since per-leaf state arrays (masks, assignments) have the parameter's shape.
+    A mirror tree may hold ``None``, an array or a structured value (e.g. a NamedTuple) at each
+    leaf of ``params``; only the structure is compared here, since per-leaf state may have any
+    shape (per-channel scales, centroids). :func:`check_mirror_shapes` also compares shapes,
+    for state arrays that have their parameter's shape (masks, assignments).
     """
     try:
         jax.tree_util.tree_map(lambda p, s: None, params, state_tree)

@@ -1,87 +1,283 @@
-"""Tests of mixjax.app.config: the settings of ``mixjax run``, their TOML form and their checks."""
+"""The ``mixjax run`` configuration (:mod:`mixjax.app.config`): options, TOML, overrides, rules.
+
+The command line built on it (``--config`` then flags) is tested in ``test_app_cli.py``.
+"""
 
 import dataclasses
+import re
 
+import numpy as np
 import pytest
 
 from mixjax.app import config as config_lib
+from mixjax.app.config import Config, override, validate
+
+SECTIONS = ("data", "train", "compress", "run")
 
 
-def test_every_option_has_a_unique_flag_help_and_a_valid_default():
-    options = config_lib.options()
-    flags = [f.metadata["flag"] for _, f in options]
-    assert len(flags) == len(set(flags)) and all(f.startswith("--") for f in flags)
-    assert all(f.metadata["help"] for _, f in options)
-    assert {key.split(".")[0] for key, _ in options} == {"data", "train", "compress", "run"}
-    assert config_lib.validate(config_lib.Config()) == config_lib.Config()
-    assert config_lib.base_type("float | None") == "float" and config_lib.base_type("int") == "int"
+def flags():
+    return {key: field.metadata["flag"] for key, field in config_lib.options()}
 
 
-def test_override_checks_types_not_ranges():
-    cfg = config_lib.override(config_lib.Config(), {"train.lr": 1, "train.steps": 10})
-    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.train.steps == 10
-    with pytest.raises(ValueError, match=r"mixjax.app.config: train\.lr must be a float, got 'x'"):
-        config_lib.override(config_lib.Config(), {"train.lr": "x"})
-    with pytest.raises(ValueError, match=r"train\.steps must be an int, got True"):
-        config_lib.override(config_lib.Config(), {"train.steps": True})
+# ----------------------------------------------------------------------------------------------
+# options / base_type.
+
+
+def test_options_cover_every_field_once_with_a_flag_and_help():
+    keys = [key for key, _ in config_lib.options()]
+    expected = [
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(getattr(Config(), section.name))
+    ]
+    assert keys == expected and len(keys) == len(set(keys)) == 28
+    assert {key.split(".")[0] for key in keys} == set(SECTIONS)
+    for key, field in config_lib.options():
+        flag, text = field.metadata["flag"], field.metadata["help"]
+        assert re.fullmatch(r"--[a-z][a-z-]*", flag), (key, flag)
+        assert isinstance(text, str) and len(text) > 10, key
+        section, name = key.split(".")
+        assert getattr(getattr(Config(), section), name) == field.default
+    assert len(set(flags().values())) == len(keys)  # flags are unique
+    assert flags()["compress.batch_size"] == "--compress-batch-size"
+    assert flags()["train.steps"] == "--train-steps"
+
+
+def test_base_type():
+    assert config_lib.base_type("float | None") == "float"
+    assert config_lib.base_type("int") == "int"
+    assert config_lib.base_type("str") == "str"
+    types = {key: config_lib.base_type(f.type) for key, f in config_lib.options()}
+    assert set(types.values()) == {"int", "float", "str"}
+    assert types["train.lam"] == "float" and types["train.tau"] == "int"
+
+
+# ----------------------------------------------------------------------------------------------
+# override.
+
+
+def test_override_replaces_only_the_given_fields():
+    base = Config()
+    cfg = override(base, {"train.steps": 100, "compress.sparsity": 0.5, "run.output": "out"})
+    assert (cfg.train.steps, cfg.compress.sparsity, cfg.run.output) == (100, 0.5, "out")
+    assert cfg.data == base.data
+    assert dataclasses.replace(cfg.train, steps=base.train.steps) == base.train
+    assert base.train.steps == 5000  # the input is not modified (frozen dataclasses)
+    assert override(base, {}) == base
+
+
+def test_override_checks_types():
+    cfg = override(Config(), {"train.lr": 1, "train.lam": 2})
+    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float  # an int for a float field
+    assert cfg.train.lam == 2.0 and type(cfg.train.lam) is float
+    for key, value, noun in [
+        ("train.lr", "x", "a float"),
+        ("train.lr", True, "a float"),
+        ("train.steps", True, "an int"),  # bool is not an int here
+        ("train.steps", 2.0, "an int"),
+        ("train.steps", "5", "an int"),
+        ("data.dataset", 3, "a string"),
+    ]:
+        message = f"mixjax.app.config: {key} must be {noun}, got {value!r}"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            override(Config(), {key: value})
+
+
+def test_override_unknown_key_lists_the_valid_ones():
+    valid = ", ".join(key for key, _ in config_lib.options())
+    for key in ("train.stepz", "train", "trian.steps", "train.steps.x"):
+        message = f"mixjax.app.config: unknown key {key!r}; valid keys: {valid}"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            override(Config(), {key: 1})
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match=r"train\.lr must be a float, got 'x'"):
+        override(Config(), {"train.lr": "x"})
     with pytest.raises(ValueError, match=r"unknown key 'train\.stepz'; valid keys: data\."):
-        config_lib.override(config_lib.Config(), {"train.stepz": 1})
+        override(Config(), {"train.stepz": 1})
+    bad = override(Config(), {"compress.sparsity": 1.0})
+    with pytest.raises(ValueError, match=r"compress\.sparsity \(--sparsity\) must be in \[0, 1\)"):
+        validate(bad)
 
 
-def test_load_toml_reads_tables_over_the_defaults(tmp_path):
+# ----------------------------------------------------------------------------------------------
+# load_toml.
+
+
+def test_load_toml_over_defaults_and_over_a_config(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text("[train]\nsteps = 100\nsteps_per_call = 10\n[compress]\nclusters = 8\n")
+    path.write_text(
+        '[train]\nsteps = 100\nsteps_per_call = 10\nlr = 1\n[data]\ndataset = "npz:x.npz"\n'
+    )
     cfg = config_lib.load_toml(path)
-    assert (cfg.train.steps, cfg.train.steps_per_call, cfg.compress.clusters) == (100, 10, 8)
-    assert cfg.data == config_lib.Data()
+    assert (cfg.train.steps, cfg.train.steps_per_call, cfg.data.dataset) == (100, 10, "npz:x.npz")
+    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
+    assert cfg.compress == config_lib.Compress() and cfg.run == config_lib.Run()
+    base = override(Config(), {"run.seed": 7, "train.steps": 5})
+    over = config_lib.load_toml(str(path), base)
+    assert (over.run.seed, over.train.steps) == (7, 100)  # the file wins, the rest is kept
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert config_lib.load_toml(empty) == Config()
 
 
-@pytest.mark.parametrize(
-    "text, error, match",
-    [
-        ("[train\n", ValueError, r"'.*bad.toml' is not valid TOML"),
-        ("[training]\nsteps = 1\n", ValueError, r"unknown key 'training\.steps'.*bad.toml"),
-        ("steps = 1\n", ValueError, r"unknown key 'steps' \(top-level keys must be tables"),
-        ('[train]\nsteps = "many"\n', ValueError, r"train\.steps must be an int.*bad.toml"),
-    ],
-)
-def test_load_toml_errors_name_the_file_and_key(tmp_path, text, error, match):
+def test_load_toml_errors(tmp_path):
+    missing = tmp_path / "none.toml"
+    with pytest.raises(
+        FileNotFoundError,
+        match=f"^mixjax\\.app\\.config: config file {re.escape(repr(str(missing)))} "
+        "does not exist$",
+    ):
+        config_lib.load_toml(missing)
     path = tmp_path / "bad.toml"
-    path.write_text(text)
-    with pytest.raises(error, match=match):
+    name = re.escape(repr(str(path)))
+    path.write_text("[train\nsteps = 5\n")
+    with pytest.raises(ValueError, match=f"^mixjax\\.app\\.config: {name} is not valid TOML: "):
+        config_lib.load_toml(path)
+    path.write_text("[train]\nstepz = 5\n")
+    with pytest.raises(
+        ValueError,
+        match=r"^mixjax\.app\.config: unknown key 'train\.stepz'; valid keys: data\.dataset, .*"
+        f" \\(in {name}\\)$",
+    ):
+        config_lib.load_toml(path)
+    path.write_text("[training]\nsteps = 5\n")
+    with pytest.raises(ValueError, match=f"unknown key 'training\\.steps'.* \\(in {name}\\)$"):
+        config_lib.load_toml(path)
+    path.write_text("steps = 5\n")
+    with pytest.raises(
+        ValueError,
+        match=f"^mixjax\\.app\\.config: {name}: unknown key 'steps' \\(top-level keys must be "
+        r"tables: data, train, compress, run\)$",
+    ):
+        config_lib.load_toml(path)
+    path.write_text("[train]\nsteps = 'many'\n")
+    with pytest.raises(
+        ValueError,
+        match=f"^mixjax\\.app\\.config: train\\.steps must be an int, got 'many' \\(in {name}\\)$",
+    ):
         config_lib.load_toml(path)
 
 
-def test_load_toml_missing_file():
-    with pytest.raises(FileNotFoundError, match=r"config file '/no/such.toml' does not exist"):
-        config_lib.load_toml("/no/such.toml")
+# ----------------------------------------------------------------------------------------------
+# validate.
+
+
+def invalid(changes, key, rule, value):
+    """``validate`` of the defaults with ``changes`` fails on ``key``, naming its flag."""
+    message = f"mixjax.app.config: {key} ({flags()[key]}) must be {rule}, got {value!r}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        validate(override(Config(), changes))
+
+
+def test_validate_returns_a_valid_config_unchanged():
+    cfg = Config()
+    assert validate(cfg) is cfg
+    tiny = override(cfg, {"train.steps": 300, "compress.prune_steps": 100, "train.tau": 0})
+    assert validate(tiny) is tiny
 
 
 @pytest.mark.parametrize(
-    "changes, match",
-    [
-        ({"train.steps": 70}, r"train\.steps \(--train-steps\) must be a positive multiple of "),
-        ({"compress.sparsity": 1.0}, r"compress\.sparsity \(--sparsity\) must be in \[0, 1\)"),
-        ({"compress.clusters": 1}, r"compress\.clusters \(--clusters\) must be in 2\.\.256"),
-        ({"compress.bits": 9}, r"compress\.bits \(--bits\) must be in 2\.\.8"),
-        ({"train.lr": 0.0}, r"train\.lr \(--lr\) must be > 0"),
-        ({"data.degrees": 200.0}, r"data\.degrees \(--degrees\) must be in \[0, 180\]"),
-        ({"run.devices": 3}, r"data\.batch_size \(--batch-size\) must be divisible by devices=3"),
-        ({"train.lam": -1.0}, r"train\.lam \(--lam\) must be >= 0"),
-        ({"train.compensation": "x"}, r"train\.compensation \(--compensation\) must be one of"),
-    ],
+    "key", ["train.steps", "compress.prune_steps", "compress.qat_steps", "run.checkpoint_every"]
 )
-def test_validate_names_the_setting_and_its_flag(changes, match):
-    with pytest.raises(ValueError, match=match):
-        config_lib.validate(config_lib.override(config_lib.Config(), changes))
+def test_validate_step_counts_are_positive_multiples_of_steps_per_call(key):
+    rule = "a positive multiple of steps_per_call=50"
+    for value in (0, 25, 75, -50):
+        invalid({key: value}, key, rule, value)
+    validate(override(Config(), {key: 150}))
+    per_call = {"train.steps_per_call": 7, "train.steps": 14, "compress.prune_steps": 7}
+    per_call |= {"compress.qat_steps": 21, "run.checkpoint_every": 28, key: 10}
+    invalid(per_call, key, "a positive multiple of steps_per_call=7", 10)
+
+
+def test_validate_positive_values():
+    invalid({"train.steps_per_call": 0}, "train.steps_per_call", ">= 1", 0)
+    invalid({"data.batch_size": 0}, "data.batch_size", ">= 1", 0)
+    invalid({"compress.batch_size": -4}, "compress.batch_size", ">= 1", -4)
+    invalid({"train.tau": -1}, "train.tau", ">= 0", -1)
+    invalid({"train.weight_decay": -0.1}, "train.weight_decay", ">= 0", -0.1)
+    invalid({"train.lam": -1.0}, "train.lam", ">= 0", -1.0)
+    for key in ("train.lr", "compress.prune_lr", "compress.qat_lr"):
+        invalid({key: 0.0}, key, "> 0", 0.0)
+    invalid({"run.seed": -1}, "run.seed", ">= 0", -1)
+    invalid({"run.devices": 0}, "run.devices", ">= 1", 0)
+    invalid({"run.output": ""}, "run.output", "a non-empty path", "")
+
+
+def test_validate_ranges():
+    invalid({"data.degrees": 181.0}, "data.degrees", "in [0, 180]", 181.0)
+    invalid({"data.degrees": -1.0}, "data.degrees", "in [0, 180]", -1.0)
+    invalid({"data.translate": 1.0}, "data.translate", "in [0, 1)", 1.0)
+    for name in ("sparsity", "conv_sparsity", "output_sparsity"):
+        invalid({f"compress.{name}": 1.0}, f"compress.{name}", "in [0, 1)", 1.0)
+        invalid({f"compress.{name}": -0.1}, f"compress.{name}", "in [0, 1)", -0.1)
+        validate(override(Config(), {f"compress.{name}": 0.0}))
+    for name in ("clusters", "bias_clusters"):
+        for value in (1, 257):
+            invalid({f"compress.{name}": value}, f"compress.{name}", "in 2..256", value)
+        validate(override(Config(), {f"compress.{name}": 256}))
+    for name in ("bits", "act_bits"):
+        for value in (1, 9):
+            rule = "in 2..8 (integer inference)"
+            invalid({f"compress.{name}": value}, f"compress.{name}", rule, value)
+        validate(override(Config(), {f"compress.{name}": 2}))
+    compensations = str(config_lib.COMPENSATIONS)
+    invalid({"train.compensation": "dcx"}, "train.compensation", f"one of {compensations}", "dcx")
+
+
+def test_validate_batch_sizes_divisible_by_devices():
+    both = {"run.devices": 3, "data.batch_size": 96}
+    invalid(
+        {**both, "compress.batch_size": 64}, "compress.batch_size", "divisible by devices=3", 64
+    )
+    invalid(
+        {"run.devices": 3, "data.batch_size": 64}, "data.batch_size", "divisible by devices=3", 64
+    )
+    ok = override(Config(), {**both, "compress.batch_size": 48})
+    assert validate(ok) is ok
+
+
+# ----------------------------------------------------------------------------------------------
+# as_dict.
 
 
 def test_as_dict_round_trips_through_override():
-    cfg = config_lib.override(config_lib.Config(), {"compress.clusters": 8, "run.seed": 3})
-    flat = {
-        f"{section}.{key}": value
-        for section, values in config_lib.as_dict(cfg).items()
-        for key, value in values.items()
-    }
-    assert config_lib.override(config_lib.Config(), flat) == cfg
-    assert dataclasses.asdict(cfg)["compress"]["clusters"] == 8
+    cfg = override(Config(), {"train.lam": 0.5, "train.steps": 100, "data.dataset": "npz:a"})
+    d = config_lib.as_dict(cfg)
+    assert list(d) == list(SECTIONS)
+    assert d["train"]["lam"] == 0.5 and d["train"]["steps"] == 100
+    flat = {f"{section}.{k}": v for section, values in d.items() for k, v in values.items()}
+    assert list(flat) == [key for key, _ in config_lib.options()]
+    assert all(isinstance(v, (int, float, str)) for v in flat.values())  # TOML-able
+    assert override(Config(), flat) == cfg
+
+
+def test_as_dict_of_the_defaults_round_trips_through_override():
+    d = config_lib.as_dict(Config())
+    assert d["train"]["lam"] is None and d["compress"]["clusters"] == 16
+    flat = {f"{section}.{k}": v for section, values in d.items() for k, v in values.items()}
+    assert override(Config(), flat) == Config()
+
+
+def test_override_accepts_none_for_optional_fields_only():
+    set_lam = override(Config(), {"train.lam": 0.1})
+    assert override(set_lam, {"train.lam": None}).train.lam is None
+    with pytest.raises(
+        ValueError, match=r"^mixjax\.app\.config: train\.lr must be a float, got None$"
+    ):
+        override(Config(), {"train.lr": None})
+    with pytest.raises(
+        ValueError, match=r"^mixjax\.app\.config: run\.output must be a string, got None$"
+    ):
+        override(Config(), {"run.output": None})
+
+
+def test_numpy_numbers_become_plain_python_values():
+    cfg = config_lib.override(
+        config_lib.Config(), {"train.steps": np.int64(100), "train.lr": np.float32(0.5)}
+    )
+    assert type(cfg.train.steps) is int and cfg.train.steps == 100
+    assert type(cfg.train.lr) is float and cfg.train.lr == 0.5
+    with pytest.raises(ValueError, match=r"train\.steps must be an int, got np.float64\(1.5\)"):
+        config_lib.override(config_lib.Config(), {"train.steps": np.float64(1.5)})

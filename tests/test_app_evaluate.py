@@ -1,4 +1,9 @@
-"""Tests of mixjax.app.evaluate: an artifact's metadata, its three forwards, accuracy, timing."""
+"""Running an artifact (:mod:`mixjax.app.evaluate`): metadata, the three forwards, accuracy, timing.
+
+One tiny untrained artifact is made the way :mod:`mixjax.app.pipeline` makes one (a pruned,
+clustered, fake-quantized SmallCNN on 8x8x1 images with QAT activation ranges), saved and loaded;
+every forward is compared with a reference computed directly from the loaded parameters.
+"""
 
 import dataclasses
 import json
@@ -8,99 +13,171 @@ import numpy as np
 import pytest
 
 import mixjax
-from mixjax import data, export, models, prune, quant
+from mixjax import data, export, models, prune, quant, share
 from mixjax.app import evaluate
 
-CLASSES = 4
+MODEL, CLASSES, SHAPE = "small_cnn", 10, (8, 8, 1)
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """A `mixjax run`-style artifact of an untrained LeNet-300-100 on 8x8x1 images."""
     rng = np.random.default_rng(0)
-    # Float pixels: uint8 ones normalize onto exact half-steps of the input grid, where the
-    # rounding of an ulp decides the code.
-    images = rng.random((48, 8, 8, 1), np.float32)
-    dataset = data.Dataset(images, rng.integers(0, CLASSES, 48).astype(np.int32), CLASSES, "t")
-    model = models.create("lenet300100", CLASSES)
+    # Float pixels in [0, 1]: inputs do not sit on rounding ties of the activation grid.
+    images = rng.random((24, *SHAPE), dtype=np.float32)
+    model = models.create(MODEL, CLASSES)
     x = data.normalize(images)
-    params = model.init(jax.random.key(0), x[:1])["params"]
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x[:1])["params"]
+    params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32) * 0.3, shapes)
     transform = mixjax.chain(
-        prune.magnitude(0.5), quant.fake_quant(8, per_channel=False, where=".*")
+        prune.magnitude(0.5, where=".*Dense_0/kernel"),
+        share.cluster(4, init="linear", max_iterations=5, where=".*Conv_0/kernel"),
+        quant.fake_quant(8, per_channel=False, where=".*"),
     )
-    state = transform.init(params)
-    view = transform.apply(params, state)
+    state = jax.jit(transform.init)(params)
     act = quant.activation_quant(8)
-    fn = lambda images: model.apply({"params": view}, images)
-    act_state = act.apply(fn, act.init(fn, x), x, mode="train")[1]
-    meta = evaluate.metadata("lenet300100", CLASSES, (8, 8, 1), act, act_state)
-    artifact = dataclasses.replace(
-        export.compress(params, transform, state, container="compact"), metadata=meta
-    )
-    path = export.save(artifact, tmp_path_factory.mktemp("a") / "model.mjx")
-    return dict(
-        loaded=export.load(path), model=model, view=view, act=act, act_state=act_state,
-        x=x, dataset=dataset, meta=meta,
-    )  # fmt: skip
+    view = jax.jit(transform.apply)(params, state)
+    fn = lambda x: model.apply({"params": view}, x)
+    act_state = act.init(fn, x)
+    _, act_state = jax.jit(lambda s, x: act.apply(fn, s, x, mode="train"))(act_state, x)
+    artifact = export.compress(params, transform, state, container="compact")
+    meta = evaluate.metadata(MODEL, CLASSES, x.shape[1:], act, act_state)
+    artifact = dataclasses.replace(artifact, metadata=meta)
+    path = export.save(artifact, tmp_path_factory.mktemp("artifact") / "model.mjx")
+    loaded = export.load(path)
+    return {
+        "images": images,
+        "model": model,
+        "view": view,
+        "act": act,
+        "act_state": act_state,
+        "meta": meta,
+        "loaded": loaded,
+        "fns": evaluate.forwards(loaded),
+    }
 
 
-def test_metadata_is_json_and_describes_the_model(made):
-    meta = made["meta"]
+def test_metadata_fields_are_json_and_survive_save_and_load(made):
+    meta, act_state = made["meta"], made["act_state"]
+    assert list(meta) == ["model", "num_classes", "input_shape", "preprocess", "activations"]
+    assert meta["model"] == MODEL and meta["num_classes"] == CLASSES
+    assert meta["input_shape"] == list(SHAPE)
+    assert meta["preprocess"] == evaluate.NORMALIZE == {"mean": 0.5, "std": 0.5}
+    assert meta["preprocess"] is not evaluate.NORMALIZE  # a copy: editing it changes nothing
+    assert meta["activations"]["bits"] == 8
+    ranges = meta["activations"]["ranges"]
+    assert sorted(ranges) == sorted(act_state) == ["Conv_0", "Conv_1", "Dense_0"]
+    for path, (lo, hi) in ranges.items():
+        assert type(lo) is float and type(hi) is float
+        assert (lo, hi) == (float(act_state[path].min), float(act_state[path].max))
+        assert lo <= 0.0 < hi
+    assert ranges["Conv_0"] == pytest.approx([-1.0, 1.0], abs=0.05)  # normalized pixels
     assert json.loads(json.dumps(meta)) == meta
-    assert (meta["model"], meta["num_classes"], meta["input_shape"]) == (
-        "lenet300100",
-        4,
-        [8, 8, 1],
-    )
-    assert meta["preprocess"] == evaluate.NORMALIZE
-    assert sorted(meta["activations"]["ranges"]) == ["Dense_0", "Dense_1", "Dense_2"]
-    for path, (lo, hi) in meta["activations"]["ranges"].items():
-        assert lo == float(made["act_state"][path].min) and hi == float(made["act_state"][path].max)
+    assert made["loaded"].metadata == meta
 
 
-def test_the_forwards_equal_references_computed_another_way(made):
-    fns = evaluate.forwards(made["loaded"])
-    images, x = made["dataset"].images, made["x"]
-    params = made["loaded"].params()
-    want_float = made["model"].apply({"params": params}, x)
-    np.testing.assert_allclose(fns["float"](images), want_float, rtol=1e-5, atol=1e-6)
-    fn = lambda images: made["model"].apply({"params": params}, images)
-    want_compressed = made["act"].apply(fn, made["act_state"], x, mode="eval")[0]
-    np.testing.assert_allclose(fns["compressed"](images), want_compressed, rtol=1e-5, atol=1e-6)
-    integer = np.asarray(fns["integer"](images))
-    # Equal up to float32 summation order, except where a hidden activation lies within that
-    # error of a rounding boundary and takes the neighbouring code (mixjax.export.integer).
-    close = np.all(np.isclose(integer, want_compressed, rtol=1e-4, atol=1e-5), axis=1)
-    assert close.mean() >= 0.9, close
-    np.testing.assert_allclose(integer, want_compressed, atol=5e-3)
-
-
-def test_evaluate_is_argmax_accuracy(made):
-    fns = evaluate.forwards(made["loaded"])
-    scores = evaluate.evaluate(made["loaded"], made["dataset"], fns=fns)
-    labels = made["dataset"].labels
-    for key, name in [
-        ("accuracy_compressed", "compressed"),
-        ("accuracy_integer", "integer"),
-        ("accuracy_float_activations", "float"),
-    ]:
-        want = np.mean(np.asarray(fns[name](made["dataset"].images)).argmax(-1) == labels)
-        assert scores[key] == pytest.approx(float(want))
-
-
-def test_errors_name_what_is_missing(made):
-    bare = dataclasses.replace(made["loaded"], metadata={})
-    with pytest.raises(ValueError, match=r"the artifact has no \['model', 'num_classes', "):
-        evaluate.forwards(bare)
-    wide = made["dataset"]._replace(images=np.zeros((4, 9, 9, 1), np.float32))
-    with pytest.raises(
-        ValueError, match=r"the model takes images of shape \[8, 8, 1\], the dataset 't' has"
+def test_float_forward_is_the_model_on_normalized_images(made):
+    loaded, images = made["loaded"], made["images"]
+    params = loaded.params()
+    # The loaded parameters are the compressed view the artifact was made from.
+    for (path, a), (_, b) in zip(
+        mixjax.select.leaves_with_paths(params),
+        mixjax.select.leaves_with_paths(made["view"]),
+        strict=True,
     ):
-        evaluate.evaluate(made["loaded"], wide)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
+    normalized = (images - 0.5) / 0.5
+    expected = np.asarray(made["model"].apply({"params": params}, normalized))
+    got = np.asarray(made["fns"]["float"](images))
+    assert got.shape == (len(images), CLASSES)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_time_integer_reports_both_paths(made):
-    fns = evaluate.forwards(made["loaded"])
-    speed = evaluate.time_integer(fns, made["dataset"].images, rounds=3)
-    assert speed["float_ms"] > 0 and speed["integer_ms"] > 0
-    assert speed["speedup"] == pytest.approx(speed["float_ms"] / speed["integer_ms"])
+def test_compressed_forward_fake_quantizes_activations_with_the_stored_ranges(made):
+    images, act, model = made["images"], made["act"], made["model"]
+    params = made["loaded"].params()
+    fn = lambda x: model.apply({"params": params}, x)
+    expected, state = jax.jit(lambda s, x: act.apply(fn, s, x, mode="eval"))(
+        made["act_state"], data.normalize(images)
+    )
+    got = np.asarray(made["fns"]["compressed"](images))
+    np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-5, atol=1e-5)
+    float_logits = np.asarray(made["fns"]["float"](images))
+    assert np.abs(got - float_logits).max() > 1e-4  # activations really are quantized
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(a == b), state, made["act_state"]))
+
+
+def test_integer_forward_is_close_to_the_compressed_one(made):
+    images = made["images"]
+    compressed = np.asarray(made["fns"]["compressed"](images))
+    integer = np.asarray(made["fns"]["integer"](images))
+    assert integer.shape == compressed.shape and integer.dtype == np.float32
+    scale = np.abs(compressed).max()
+    assert np.abs(integer - compressed).max() <= 0.01 * scale
+    agree = np.mean(integer.argmax(-1) == compressed.argmax(-1))
+    assert agree >= 0.9
+
+
+def test_evaluate_accuracies_are_argmax_matches(made):
+    images, fns = made["images"], made["fns"]
+    predicted = {name: np.asarray(fns[name](images)).argmax(-1) for name in fns}
+    # Labels: the float forward's class on the first 18 images, another class on the last 6.
+    labels = predicted["float"].copy()
+    labels[18:] = (labels[18:] + 1) % CLASSES
+    dataset = data.Dataset(images, labels.astype(np.int32), CLASSES, "tiny")
+    scores = evaluate.evaluate(made["loaded"], dataset, fns=fns)
+    assert list(scores) == [
+        "accuracy_compressed",
+        "accuracy_integer",
+        "accuracy_float_activations",
+    ]
+    assert scores["accuracy_float_activations"] == 0.75
+    assert scores["accuracy_compressed"] == np.mean(predicted["compressed"] == labels)
+    assert scores["accuracy_integer"] == np.mean(predicted["integer"] == labels)
+    assert all(type(v) is float for v in scores.values())
+    # Without fns it builds the forwards itself, with the same results.
+    assert evaluate.evaluate(made["loaded"], dataset) == scores
+
+
+def test_errors_name_what_is_missing_or_mismatched(made, tmp_path):
+    params = {"Dense_0": {"kernel": np.ones((4, 2), np.float32)}}
+    bare = export.load(export.save(export.compress(params, mixjax.identity(), ()), tmp_path / "a"))
+    message = (
+        r"^mixjax\.app\.evaluate: the artifact has no \['model', 'num_classes', 'activations'\] "
+        r"metadata \(was it made by `mixjax run`\?\)$"
+    )
+    with pytest.raises(ValueError, match=message):
+        evaluate.forwards(bare)
+    images = made["images"][:4]
+    dataset = data.Dataset(images, np.zeros(4, np.int32), CLASSES, "tiny")
+    with pytest.raises(ValueError, match=message):
+        evaluate.evaluate(bare, dataset)
+    partial = dict(made["meta"])
+    del partial["activations"]
+    without = dataclasses.replace(made["loaded"], metadata=partial)
+    with pytest.raises(ValueError, match=r"the artifact has no \['activations'\] metadata"):
+        evaluate.forwards(without)
+    small = data.Dataset(np.zeros((4, 6, 6, 1), np.float32), np.zeros(4, np.int32), 10, "six")
+    with pytest.raises(
+        ValueError,
+        match=r"^mixjax\.app\.evaluate: the model takes images of shape \[8, 8, 1\], the dataset "
+        r"'six' has \[6, 6, 1\]$",
+    ):
+        evaluate.evaluate(made["loaded"], small, fns=made["fns"])
+
+
+def test_time_integer(made):
+    calls = {"float": 0, "integer": 0}
+
+    def counted(name):
+        def run(x):
+            calls[name] += 1
+            return made["fns"][name](x)
+
+        return run
+
+    fns = {**{name: counted(name) for name in calls}, "compressed": None}  # only two are timed
+    timing = evaluate.time_integer(fns, made["images"][:8], rounds=4)
+    assert list(timing) == ["float_ms", "integer_ms", "speedup"]
+    assert timing["float_ms"] > 0 and timing["integer_ms"] > 0
+    assert timing["speedup"] == pytest.approx(timing["float_ms"] / timing["integer_ms"], rel=1e-12)
+    assert calls == {"float": 5, "integer": 5}  # a warm-up call each, then `rounds` calls

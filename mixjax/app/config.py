@@ -24,6 +24,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from mixjax import _checks
 
 if sys.version_info >= (3, 11):
@@ -159,15 +161,17 @@ def _check_type(key: str, value: Any, typ: str) -> Any:
     if value is None and typ.endswith(" | None"):
         return None
     typ = base_type(typ)
+    real = isinstance(value, (int, float, np.integer, np.floating))
     ok = {
         "int": _checks.is_integer(value),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "float": real and not isinstance(value, (bool, np.bool_)),
         "str": isinstance(value, str),
     }[typ]
     if not ok:
         noun = {"int": "an int", "float": "a float", "str": "a string"}[typ]
         raise ValueError(f"{_NAME}: {key} must be {noun}, got {value!r}")
-    return float(value) if typ == "float" else value
+    # Plain Python values, so the configuration stays JSON- and TOML-able (as_dict).
+    return {"int": int, "float": float, "str": str}[typ](value)
 
 
 def override(config: Config, changes: Mapping[str, Any]) -> Config:
