@@ -410,6 +410,11 @@ def test_error_state_mismatch():
         t.apply(params, (state,))
 
 
+def test_error_random_needs_a_key():
+    with pytest.raises(TypeError, match=r"mixjax.prune.random: key must be a jax.random.key"):
+        prune.random(0, 0.5)
+
+
 def test_error_bad_scope_structure_update_every():
     with pytest.raises(ValueError, match=r"scope must be one of .* got scope='layer'"):
         prune.magnitude(0.5, scope="layer")

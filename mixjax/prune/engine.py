@@ -270,7 +270,11 @@ def random(
     """Random pruning: uniform random scores drawn from ``key`` (folded with the step).
 
     Already pruned weights stay pruned as sparsity grows. Arguments as :func:`magnitude`.
+
+    Raises:
+      TypeError: ``key`` is not a ``jax.random`` key; the errors of :func:`magnitude`.
     """
+    _checks.key("mixjax.prune.random", "key", key)
     return _pruner(
         "mixjax.prune.random",
         _random_score,
