@@ -4,8 +4,8 @@ The top level holds the protocol every compression transform implements (:mod:`m
 and the families, one subpackage each:
 
 * compression transforms: :mod:`mixjax.prune`, :mod:`mixjax.quant`, :mod:`mixjax.share`, chosen
-  by :mod:`mixjax.select` and driven by :mod:`mixjax.schedules`; :mod:`mixjax.export` stores and
-  runs what they make;
+  by :mod:`mixjax.select`, driven by :mod:`mixjax.schedules` and told each kernel's axes by
+  :mod:`mixjax.layout`; :mod:`mixjax.export` stores and runs what they make;
 * training: :mod:`mixjax.augment`, :mod:`mixjax.train`, :mod:`mixjax.delay` (asynchronous
   training), :mod:`mixjax.parallel`, :mod:`mixjax.checkpoint`;
 * :mod:`mixjax.models` and :mod:`mixjax.data`, reference models and datasets.
@@ -23,6 +23,7 @@ from mixjax import (
     data,
     delay,
     export,
+    layout,
     models,
     parallel,
     prune,
@@ -78,6 +79,7 @@ __all__ = [
     "every_step",
     "export",
     "identity",
+    "layout",
     "learned_state",
     "models",
     "multiples_of",

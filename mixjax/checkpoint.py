@@ -26,6 +26,8 @@ Atomicity: orbax writes a checkpoint into ``<step>.orbax-checkpoint-tmp`` and re
 directories and ``DIRECTORY``, so the checkpoint survives a power loss once :func:`save` returns.
 A crash mid-save leaves only the temporary directory, which :func:`steps`, :func:`latest_step`
 and :func:`restore` ignore and the next :func:`save` removes; earlier checkpoints are untouched.
+A checkpoint damaged afterwards (truncated or missing files) is a :class:`DamagedCheckpointError`
+on :func:`restore`, so a caller can fall back to an older step.
 
 Typed keys: orbax stores plain arrays, so a ``jax.random.key`` leaf (the state's ``rng``) is
 saved as its ``jax.random.key_data`` (``uint32``) and rewrapped on restore with the key
@@ -56,7 +58,7 @@ import orbax.checkpoint as ocp
 
 from mixjax import _checks, select
 
-__all__ = ["latest_step", "restore", "save", "steps"]
+__all__ = ["DamagedCheckpointError", "latest_step", "restore", "save", "steps"]
 
 _SAVE = "mixjax.checkpoint.save"
 _RESTORE = "mixjax.checkpoint.restore"
@@ -64,6 +66,15 @@ _STEPS = "mixjax.checkpoint.steps"
 _ARRAYS = "arrays"
 _MANIFEST = "manifest"
 _FORMAT = 1
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint that cannot be read: files missing, truncated or corrupted.
+
+    Raised by :func:`restore` (the message names the checkpoint's directory); a checkpoint that
+    reads but does not match ``like`` raises a plain ``ValueError`` instead. Resuming code can
+    catch this one to fall back to an older checkpoint.
+    """
 
 
 def _is_key(leaf: Any) -> bool:
@@ -195,20 +206,38 @@ def save(
     return checkpoint
 
 
-def _check_match(where: str, saved: dict[str, Any], paths: list[str], leaves: list[Any]) -> None:
-    if saved.get("format") != _FORMAT:
+def _check_match(where: str, saved: Any, paths: list[str], leaves: list[Any]) -> None:
+    if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
+        found = saved.get("format") if isinstance(saved, dict) else None
         raise ValueError(
-            f"{_RESTORE}: {where} has manifest format {saved.get('format')!r}; this version "
-            f"reads format {_FORMAT}"
+            f"{_RESTORE}: {where} has manifest format {found!r}; this version reads format "
+            f"{_FORMAT}"
+        )
+    entries = saved.get("leaves")
+    if not isinstance(entries, list):
+        raise DamagedCheckpointError(
+            f"{_RESTORE}: {where} is damaged: its manifest lists no leaves"
         )
     expected = [_entry(p, leaf) for p, leaf in zip(paths, leaves, strict=True)]
-    for i, (got, want) in enumerate(itertools.zip_longest(saved["leaves"], expected)):
+    for i, (got, want) in enumerate(itertools.zip_longest(entries, expected)):
         if got != want:
             raise ValueError(
                 f"{_RESTORE}: {where} does not match like at leaf {i}: the checkpoint has "
-                f"{_describe(got)}, like has {_describe(want)} ({len(saved['leaves'])} vs "
+                f"{_describe(got)}, like has {_describe(want)} ({len(entries)} vs "
                 f"{len(expected)} leaves)"
             )
+
+
+def _read(where: str, checkpointer: Any, checkpoint: pathlib.Path, item: str, args: Any) -> Any:
+    """One item of a checkpoint; any failure to read it is a :class:`DamagedCheckpointError`."""
+    try:
+        return checkpointer.restore(checkpoint, args=ocp.args.Composite(**{item: args}))[item]
+    except Exception as err:  # orbax and TensorStore raise many types for damaged files
+        detail = " ".join(str(err).split())[:300]
+        raise DamagedCheckpointError(
+            f"{_RESTORE}: {where} is damaged: its {item!r} cannot be read "
+            f"({type(err).__name__}: {detail})"
+        ) from err
 
 
 def _target(leaf: Any) -> Any:
@@ -239,6 +268,7 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None)
       TypeError: a leaf of ``like`` is not an array.
       ValueError: no checkpoint of ``step`` (the available steps are listed), or the checkpoint
         does not match ``like`` (the first differing leaf is named).
+      DamagedCheckpointError: the checkpoint's files are missing, truncated or corrupted.
     """
     root = pathlib.Path(directory).absolute()
     if not root.is_dir():
@@ -254,13 +284,15 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None)
         )
     paths, leaves, treedef = _flatten(_RESTORE, like, "like")
     checkpoint = root / str(step)
+    where = f"checkpoint {str(checkpoint)!r}"
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        args = ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()})
-        saved = checkpointer.restore(checkpoint, args=args)[_MANIFEST]
-        _check_match(f"checkpoint {str(checkpoint)!r}", saved, paths, leaves)
+        saved = _read(where, checkpointer, checkpoint, _MANIFEST, ocp.args.JsonRestore())
+        _check_match(where, saved, paths, leaves)
         targets = [_target(leaf) for leaf in leaves if np.size(leaf)]
-        args = ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(targets)})
-        arrays = iter(checkpointer.restore(checkpoint, args=args)[_ARRAYS] if targets else ())
+        restore_args = ocp.args.StandardRestore(targets)
+        arrays = iter(
+            _read(where, checkpointer, checkpoint, _ARRAYS, restore_args) if targets else ()
+        )
     restored = []
     for leaf in leaves:
         if not np.size(leaf):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -120,6 +121,10 @@ def check_schedule(
 ) -> Schedule:
     """Validates a float or schedule eagerly: every value must lie in ``[low, high)``.
 
+    A scalar ``jax.Array`` counts as a float; a *traced* scalar (e.g. a sparsity under
+    ``jax.vmap``, to sweep several levels in one program) cannot be checked and is returned as a
+    constant schedule.
+
     A schedule is evaluated at steps 0..2047 and on a geometric grid up to 10^7 (vectorized where
     it accepts an array of steps), outside any trace, so a bad schedule fails when the transform
     is built rather than silently producing garbage inside ``jit``.
@@ -136,6 +141,13 @@ def check_schedule(
     def bad(v):
         return not (low <= v <= high if high_inclusive else low <= v < high) or not np.isfinite(v)
 
+    if isinstance(value, jax.core.Tracer) and value.ndim == 0:
+        # A traced scalar (a vmapped sweep over sparsities): its values are unknown here, so the
+        # rule of the transform's update applies instead (mixjax.prune: clamped to [low, high],
+        # non-finite values keep the current state).
+        return lambda step: value
+    if isinstance(value, jax.Array) and value.ndim == 0:
+        value = value.item()
     if not callable(value):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
             raise TypeError(

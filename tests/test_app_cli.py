@@ -128,14 +128,23 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(full_run, tmp_path, c
     assert cli.main([*argv, "--stop-after", "350"]) == 0
     assert "stopped after 350 steps; continue with --resume" in capsys.readouterr().err
     assert not (tmp_path / pipeline.REPORT).exists()
+    # The prune stage's only checkpoint is damaged: the resume says so and redoes that stage.
+    latest = tmp_path / "checkpoints" / "prune" / "50"
+    (latest / "manifest" / "metadata").write_text("{")
     assert cli.main([*argv, "--resume"]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"mixjax: warning: mixjax.checkpoint.restore: checkpoint '{latest}' is damaged" in (
+        captured.err
+    )
+    text = captured.out
     assert "| compressed |" in text and "smaller than float32" in text
     with open(tmp_path / pipeline.REPORT) as f:
         resumed = json.load(f)
     assert resumed["history"] == report["history"]  # every step's loss and accuracy
     for key in ("accuracy_float", "accuracy_pruned", "accuracy_compressed", "accuracy_integer"):
         assert resumed[key] == report[key], key
+    assert resumed["resumes"] == [{"changed": {}, "quiet": True, "stop_after": None}]
+    assert report["resumes"] == []
     with (
         open(tmp_path / pipeline.ARTIFACT, "rb") as a,
         open(f"{out}/{pipeline.ARTIFACT}", "rb") as b,

@@ -4,6 +4,7 @@ The command line built on it (``--config`` then flags) is tested in ``test_app_c
 """
 
 import dataclasses
+import math
 import re
 
 import numpy as np
@@ -30,7 +31,7 @@ def test_options_cover_every_field_once_with_a_flag_and_help():
         for section in dataclasses.fields(Config)
         for f in dataclasses.fields(getattr(Config(), section.name))
     ]
-    assert keys == expected and len(keys) == len(set(keys)) == 28
+    assert keys == expected and len(keys) == len(set(keys)) == 29
     assert {key.split(".")[0] for key in keys} == set(SECTIONS)
     for key, field in config_lib.options():
         flag, text = field.metadata["flag"], field.metadata["help"]
@@ -195,14 +196,43 @@ def test_validate_positive_values():
     invalid({"train.steps_per_call": 0}, "train.steps_per_call", ">= 1", 0)
     invalid({"data.batch_size": 0}, "data.batch_size", ">= 1", 0)
     invalid({"compress.batch_size": -4}, "compress.batch_size", ">= 1", -4)
-    invalid({"train.tau": -1}, "train.tau", ">= 0", -1)
     invalid({"train.weight_decay": -0.1}, "train.weight_decay", ">= 0", -0.1)
     invalid({"train.lam": -1.0}, "train.lam", ">= 0", -1.0)
     for key in ("train.lr", "compress.prune_lr", "compress.qat_lr"):
         invalid({key: 0.0}, key, "> 0", 0.0)
-    invalid({"run.seed": -1}, "run.seed", ">= 0", -1)
     invalid({"run.devices": 0}, "run.devices", ">= 1", 0)
     invalid({"run.output": ""}, "run.output", "a non-empty path", "")
+
+
+def test_validate_every_float_is_finite():
+    """inf and nan (TOML has both) would pass every range check below and fail only at export."""
+    floats = [k for k, f in config_lib.options() if config_lib.base_type(f.type) == "float"]
+    assert {"train.lr", "train.lam", "compress.qat_lr", "data.degrees"} <= set(floats)
+    for key in floats:
+        for value in (math.inf, -math.inf):
+            invalid({key: value}, key, "finite", value)
+        with pytest.raises(ValueError, match=f"{re.escape(key)} .* must be finite, got nan"):
+            validate(override(Config(), {key: math.nan}))
+
+
+def test_validate_seed_fits_the_32_bits_a_key_keeps():
+    # Without x64, jax.random.key(2**32) is jax.random.key(0): larger seeds would alias.
+    rule = f"in 0..{2**32 - 1}"
+    for value in (-1, 2**32, 2**64):
+        invalid({"run.seed": value}, "run.seed", rule, value)
+    validate(override(Config(), {"run.seed": 2**32 - 1}))
+
+
+def test_validate_tau_is_bounded_and_shorter_than_every_stage():
+    # --tau 1000000000 used to reach XLA as a 40 TB gradient FIFO.
+    short = {"compress.qat_steps": 100}
+    rule = "in 0..1024 and shorter than every stage (100 steps)"
+    for value in (-1, 100, 10**9):
+        invalid({**short, "train.tau": value}, "train.tau", rule, value)
+    validate(override(Config(), {**short, "train.tau": 99}))
+    rule = "in 0..1024 and shorter than every stage (1000 steps)"
+    invalid({"train.tau": 1025}, "train.tau", rule, 1025)
+    validate(override(Config(), {"train.tau": 999}))
 
 
 def test_validate_ranges():
@@ -249,7 +279,10 @@ def test_as_dict_round_trips_through_override():
     assert d["train"]["lam"] == 0.5 and d["train"]["steps"] == 100
     flat = {f"{section}.{k}": v for section, values in d.items() for k, v in values.items()}
     assert list(flat) == [key for key, _ in config_lib.options()]
-    assert all(isinstance(v, (int, float, str)) for v in flat.values())  # TOML-able
+    optional = {k for k, f in config_lib.options() if f.type.endswith("| None")}
+    assert optional == {"data.num_classes", "train.lam"}
+    # TOML-able, where a None of an optional field is written by leaving the key out.
+    assert all(isinstance(v, (int, float, str)) or k in optional for k, v in flat.items())
     assert override(Config(), flat) == cfg
 
 
@@ -281,3 +314,9 @@ def test_numpy_numbers_become_plain_python_values():
     assert type(cfg.train.lr) is float and cfg.train.lr == 0.5
     with pytest.raises(ValueError, match=r"train\.steps must be an int, got np.float64\(1.5\)"):
         config_lib.override(config_lib.Config(), {"train.steps": np.float64(1.5)})
+
+
+def test_validate_num_classes():
+    invalid({"data.num_classes": 1}, "data.num_classes", "in 2..100000", 1)
+    invalid({"data.num_classes": 100_001}, "data.num_classes", "in 2..100000", 100_001)
+    assert validate(override(Config(), {"data.num_classes": 10})).data.num_classes == 10

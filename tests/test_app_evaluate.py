@@ -181,3 +181,98 @@ def test_time_integer(made):
     assert timing["float_ms"] > 0 and timing["integer_ms"] > 0
     assert timing["speedup"] == pytest.approx(timing["float_ms"] / timing["integer_ms"], rel=1e-12)
     assert calls == {"float": 5, "integer": 5}  # a warm-up call each, then `rounds` calls
+
+
+def _with(made, *, leaves=None, **changes):
+    """The loaded artifact with its leaves replaced and metadata fields changed (None: drop)."""
+    meta = {k: v for k, v in {**made["meta"], **changes}.items() if v is not None}
+    loaded = made["loaded"]
+    return dataclasses.replace(
+        loaded, leaves=loaded.leaves if leaves is None else leaves, metadata=meta
+    )
+
+
+def test_leaves_must_be_the_models_parameters(made):
+    what = r"model 'small_cnn' \((\d+) classes, input \[8, 8, 1\]\)"
+    leaves = made["loaded"].leaves
+    renamed = tuple(
+        {**r, "path": "Dense_0/weight"} if r["path"] == "Dense_0/kernel" else r for r in leaves
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"^mixjax\.app\.evaluate: {what} has a parameter 'Dense_0/kernel' \(256, 10\); "
+        "the artifact has none$",
+    ):
+        evaluate.forwards(_with(made, leaves=renamed))
+    extra = (*leaves, {**leaves[0], "path": "Extra/bias"})
+    with pytest.raises(
+        ValueError, match=rf"the artifact's leaf 'Extra/bias' \(32,\) is no parameter of {what}$"
+    ):
+        evaluate.forwards(_with(made, leaves=extra))
+    with pytest.raises(
+        ValueError,
+        match=r"^mixjax\.app\.evaluate: leaf 'Dense_0/bias' has shape \(10,\) in the artifact, "
+        r"model 'small_cnn' \(7 classes, input \[8, 8, 1\]\) has \(7,\)$",
+    ):
+        evaluate.forwards(_with(made, num_classes=7))
+    with pytest.raises(ValueError, match=r"leaf 'Dense_0/kernel' has shape \(256, 10\) in the"):
+        evaluate.forwards(_with(made, input_shape=[12, 12, 1]))
+
+
+RANGES = {"Conv_0": [-1.0, 1.0], "Conv_1": [0.0, 2.0], "Dense_0": [0.0, 2.0]}
+MALFORMED = [
+    ({"model": "vgg"}, r"metadata 'model' must be one of \[.*'small_cnn'.*\], got 'vgg'"),
+    ({"model": ["small_cnn"]}, r"metadata 'model' must be one of .*, got \['small_cnn'\]"),
+    ({"num_classes": 0}, r"metadata 'num_classes' must be an integer in \[1, 100000\], got 0"),
+    ({"num_classes": True}, r"metadata 'num_classes' must be .*, got True"),
+    ({"num_classes": "10"}, r"metadata 'num_classes' must be .*, got '10'"),
+    ({"num_classes": 10**12}, r"metadata 'num_classes' must be .*, got 1000000000000"),
+    ({"input_shape": None}, r"the artifact has no 'input_shape' metadata"),
+    ({"input_shape": "8x8x1"}, r"metadata 'input_shape' must be a list of 1 to 8 positive"),
+    ({"input_shape": [8, 0, 1]}, r"metadata 'input_shape' must be .*, got \[8, 0, 1\]"),
+    ({"input_shape": [8.0, 8, 1]}, r"metadata 'input_shape' must be .*, got \[8\.0, 8, 1\]"),
+    ({"input_shape": [2**20, 2**20, 1]}, r"metadata 'input_shape' must be .* 16777216 elements"),
+    ({"activations": [8]}, r"metadata 'activations' must be \{'bits': b, 'ranges'"),
+    ({"activations": {"bits": 1, "ranges": RANGES}}, r"'activations\.bits' must be an integer"),
+    ({"activations": {"bits": 8.0, "ranges": RANGES}}, r"'activations\.bits' .*, got 8\.0"),
+    ({"activations": {"bits": 8, "ranges": [1]}}, r"'activations\.ranges' must be a dict"),
+    (
+        {"activations": {"bits": 8, "ranges": {**RANGES, "Conv_0": [1.0]}}},
+        r"metadata 'activations\.ranges\.Conv_0' must be \[min, max\], finite, got \[1\.0\]",
+    ),
+    (
+        {"activations": {"bits": 8, "ranges": {**RANGES, "Conv_0": [1.0, float("nan")]}}},
+        r"'activations\.ranges\.Conv_0' must be \[min, max\], finite, got \[1\.0, nan\]",
+    ),
+    (
+        {"activations": {"bits": 8, "ranges": {**RANGES, "Conv_0": [2.0, 1.0]}}},
+        r"'activations\.ranges\.Conv_0' must be \[min, max\] with min <= max",
+    ),
+    (
+        {"activations": {"bits": 8, "ranges": {"Conv_0": [0.0, 1.0]}}},
+        r"'activations\.ranges' must have one range per Dense/Conv layer of model 'small_cnn' "
+        r"\(10 classes, input \[8, 8, 1\]\) \(\['Conv_0', 'Conv_1', 'Dense_0'\]\), "
+        r"got \['Conv_0'\]",
+    ),
+    (
+        {"activations": {"bits": 8, "ranges": {**RANGES, "Dense_7": [0.0, 1.0]}}},
+        r"must have one range per Dense/Conv layer .*, got "
+        r"\['Conv_0', 'Conv_1', 'Dense_0', 'Dense_7'",
+    ),
+    ({"preprocess": {"mean": 0.5, "std": 0.0}}, r"metadata 'preprocess' must be \{'mean': m"),
+    ({"preprocess": {"mean": [0.5, 0.5]}}, r"'preprocess' must be .* or 1 per channel"),
+    ({"preprocess": {"scale": 2.0}}, r"metadata 'preprocess' must be .*, got \{'scale': 2\.0\}"),
+    ({"preprocess": {"mean": "0.5"}}, r"metadata 'preprocess' must be"),
+]
+
+
+@pytest.mark.parametrize(("change", "match"), MALFORMED)
+def test_malformed_metadata_names_the_key(made, change, match):
+    with pytest.raises(ValueError, match=rf"^mixjax\.app\.evaluate: .*{match}"):
+        evaluate.forwards(_with(made, **change))
+
+
+def test_metadata_strings_from_the_file_are_escaped_in_errors(made):
+    with pytest.raises(ValueError, match=r"got 'lenet\\x1b\[2J\\nforged'$") as info:
+        evaluate.forwards(_with(made, model="lenet\x1b[2J\nforged"))
+    assert "\x1b" not in str(info.value) and "\n" not in str(info.value)

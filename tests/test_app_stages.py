@@ -1,5 +1,7 @@
 """Tests of mixjax.app.stages: one stage of ``mixjax run``, and the checks before it starts."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,3 +67,77 @@ def test_non_finite_parameters_stop_a_stage_before_it_starts(tmp_path):
     with pytest.raises(ValueError, match="holds 1 non-finite values"):
         quant.fake_quant(8).init(params)
     jax.jit(quant.fake_quant(8).init)(params)
+
+
+def _params(model):
+    return model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+
+
+def _same(a, b):
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return all(bool(jnp.array_equal(x, y)) for x, y in pairs)
+
+
+def test_history_is_committed_with_its_checkpoint(tmp_path, monkeypatch):
+    """A kill right after a checkpoint (before anything else is written) loses no history: the
+    checkpoint holds it. Before, the history was a separate file written after the checkpoint,
+    and a kill in between lost the steps up to it."""
+    model = models.create("lenet300100", 3)
+    whole = stages.run_stage(tiny_run(tmp_path / "whole"), tiny_stage(model), _params(model))
+    save = stages.checkpoint.save
+
+    def save_then_die(directory, state, *, step):
+        save(directory, state, step=step)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    run = tiny_run(tmp_path / "killed")
+    monkeypatch.setattr(stages.checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_stage(run, tiny_stage(model), _params(model))
+    monkeypatch.setattr(stages.checkpoint, "save", save)
+    resumed = stages.run_stage(run._replace(resume=True), tiny_stage(model), _params(model))
+    assert resumed.history == whole.history
+    assert _same(resumed.state.params, whole.state.params)
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_used(tmp_path, capsys):
+    model = models.create("lenet300100", 3)
+    run = tiny_run(tmp_path)
+    whole = stages.run_stage(run, tiny_stage(model), _params(model))
+    directory = tmp_path / "checkpoints" / "float"
+    (directory / "4" / "manifest" / "metadata").write_text('{"format": 1, "leaves": [{"pa')
+    capsys.readouterr()
+    resumed = stages.run_stage(run._replace(resume=True), tiny_stage(model), _params(model))
+    err = capsys.readouterr().err
+    assert (
+        f"mixjax: warning: mixjax.checkpoint.restore: checkpoint '{directory / '4'}' is damaged"
+        in err
+    )
+    assert f"moved it to '{directory / '4.damaged'}'" in err
+    # Steps 3 and 4 ran again from checkpoint 2: the same result, and a new checkpoint 4.
+    assert resumed.history == whole.history
+    assert _same(resumed.state.params, whole.state.params)
+    assert sorted(p.name for p in directory.iterdir()) == ["2", "4", "4.damaged"]
+
+
+def test_a_non_finite_loss_stops_the_stage_before_a_checkpoint_holds_it(tmp_path):
+    """One NaN pixel makes the loss NaN from the step that draws it: the stage stops there,
+    naming the step, and every checkpoint written holds only steps before it."""
+    model = models.create("lenet300100", 3)
+    run = tiny_run(tmp_path)
+    images = run.train_set.images.astype(np.float32)
+    images[5, 2, 3, 0] = np.nan
+    run = run._replace(train_set=run.train_set._replace(images=images))
+    with pytest.raises(
+        ValueError, match=r"the float stage diverged: training loss nan at step (\d)"
+    ) as err:
+        stages.run_stage(run, tiny_stage(model), _params(model))
+    step = int(re.search(r"at step (\d)", str(err.value)).group(1))
+    directory = tmp_path / "checkpoints" / "float"
+    written = sorted(int(p.name) for p in directory.iterdir()) if directory.exists() else []
+    assert all(s < step for s in written), (written, step)
+    if written:
+        assert f"the last is step {written[-1]}" in str(err.value)
+    else:
+        assert "none was written" in str(err.value)

@@ -7,6 +7,8 @@ with ``--xla_force_host_platform_device_count=4``; here that test skips.
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -332,3 +334,42 @@ def test_sharded_state_restores_with_like_shardings(tmp_path):
     path = ("params", "Dense_0", "kernel")
     assert get(unsharded, path).sharding == get(plain, path).sharding
     assert_same(jax.device_get(unsharded.params), jax.device_get(state.params))
+
+
+def _truncate(path, size=10):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+DAMAGE = {
+    "truncated manifest": lambda c: _truncate(c / "manifest" / "metadata"),
+    "manifest without leaves": lambda c: (c / "manifest" / "metadata").write_text('{"format": 1}'),
+    "truncated array metadata": lambda c: _truncate(c / "arrays" / "_METADATA"),
+    "array files removed": lambda c: [p.unlink() for p in (c / "arrays").glob("*d/*")],
+    "array files truncated": lambda c: [_truncate(p, 20) for p in (c / "arrays").glob("*d/*")],
+    "arrays removed": lambda c: shutil.rmtree(c / "arrays"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_named_and_the_one_before_still_reads(tmp_path, damage):
+    """Once a JSONDecodeError / KeyError / TensorStore error naming no file."""
+    state = {"a": jnp.arange(6.0), "b": {"c": jnp.ones((2, 3), jnp.int32)}}
+    checkpoint.save(tmp_path, state, step=1)
+    checkpoint.save(tmp_path, jax.tree.map(lambda x: x + 1, state), step=2)
+    DAMAGE[damage](tmp_path / "2")
+    where = re.escape(f"checkpoint {str(tmp_path / '2')!r} is damaged")
+    with pytest.raises(
+        checkpoint.DamagedCheckpointError, match=f"^mixjax.checkpoint.restore: {where}"
+    ):
+        checkpoint.restore(tmp_path, state)
+    older = checkpoint.restore(tmp_path, state, step=1)
+    pairs = zip(jax.tree.leaves(older), jax.tree.leaves(state), strict=True)
+    assert all(jnp.array_equal(x, y) for x, y in pairs)
+
+
+def test_a_mismatch_is_not_damage(tmp_path):
+    checkpoint.save(tmp_path, {"a": jnp.zeros(3)}, step=1)
+    with pytest.raises(ValueError, match="does not match like") as err:
+        checkpoint.restore(tmp_path, {"a": jnp.zeros(4)})
+    assert not isinstance(err.value, checkpoint.DamagedCheckpointError)

@@ -4,7 +4,12 @@ import gzip
 import itertools
 import os
 import re
+import struct
+import subprocess
+import sys
 import time
+import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -202,6 +207,24 @@ def test_tfds_bad_split(tmp_path):
         data.load("tiny_set", "valid", data_dir=str(tmp_path))
 
 
+def test_tfds_num_classes_must_agree_with_the_class_label(tmp_path):
+    _tiny_builder()(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    assert data.load("tiny_set", data_dir=str(tmp_path), num_classes=3).num_classes == 3
+    with pytest.raises(
+        ValueError, match="'tiny_set': num_classes=4 disagrees with its ClassLabel's num_classes=3"
+    ):
+        data.load("tiny_set", data_dir=str(tmp_path), num_classes=4)
+
+
+@pytest.mark.parametrize(
+    "value, error", [(0, ValueError), (2**31, ValueError), (3.0, TypeError), (True, TypeError)]
+)
+def test_bad_num_classes_argument(tmp_path, value, error):
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 3, 3), np.uint8), labels=[0, 1])
+    with pytest.raises(error, match="mixjax.data.load: num_classes must be None or an integer"):
+        data.load(f"npz:{tmp_path / 'a.npz'}", num_classes=value)
+
+
 @pytest.mark.parametrize(
     "source, error, match",
     [
@@ -391,6 +414,261 @@ def test_load_npz_file_errors(tmp_path):
         data.load(f"npz:{tmp_path / 'one.npy'}")
     with pytest.raises(ValueError, match="got split='validation'"):
         data.load(f"npz:{tmp_path / 'one.npy'}", "validation")
+
+
+def _npz(tmp_path, images, labels, name="d.npz"):
+    np.savez(tmp_path / name, images=images, labels=labels)
+    return f"npz:{tmp_path / name}"
+
+
+def test_load_npz_truncated_or_corrupt_archive_names_the_file(tmp_path):
+    rng = np.random.default_rng(2)
+    source = _npz(tmp_path, rng.integers(0, 256, (50, 8, 8), np.uint8), np.arange(50) % 10)
+    whole = (tmp_path / "d.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"'.*cut.npz' is not a readable .npz file \(BadZip"):
+        data.load(f"npz:{tmp_path / 'cut.npz'}")
+    flipped = bytearray(whole)
+    flipped[1000] ^= 0xFF  # inside the stored pixels of images.npy: a CRC mismatch
+    (tmp_path / "crc.npz").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=r"'.*crc.npz' is not a readable .npz file .*CRC"):
+        data.load(f"npz:{tmp_path / 'crc.npz'}")
+    assert data.load(source).images.shape == (50, 8, 8, 1)
+
+
+def test_load_npz_member_larger_than_its_header(tmp_path):
+    path = tmp_path / "padded.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        with zf.open("images.npy", "w") as f:
+            header = {"descr": "|u1", "fortran_order": False, "shape": (3, 4, 4)}
+            np.lib.format.write_array_header_1_0(f, header)
+            f.write(bytes(48 + 1000))
+        with zf.open("labels.npy", "w") as f:
+            np.lib.format.write_array(f, np.arange(3))
+    with pytest.raises(
+        ValueError,
+        match=r"member 'images.npy': its header says shape \(3, 4, 4\) of uint8 "
+        r"\(176 bytes\), but it holds 1176 bytes",
+    ):
+        data.load(f"npz:{path}")
+
+
+@pytest.mark.parametrize(
+    "images, labels, match",
+    [
+        (np.zeros((3, 0, 4), np.uint8), [0, 1, 2], r"images of shape \(3, 0, 4\) are empty"),
+        (np.zeros((2, 3, 3), np.complex64), [0, 1], "images must be uint8 or floating"),
+        (np.zeros((2, 3, 3), np.uint8), np.array([True, False]), "labels must be integers"),
+    ],
+)
+def test_load_refuses_degenerate_arrays(tmp_path, images, labels, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        data.load(_npz(tmp_path, images, labels))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_zero_size_or_impossible_header(tmp_path, compress):
+    zero = b"\0\0\x08\x03" + b"".join(d.to_bytes(4, "big") for d in (0, 28, 28))
+    path = write_idx(tmp_path / "zero", np.zeros(0, np.uint8), compress)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(zero) if compress else zero)
+    with pytest.raises(ValueError, match=r"header says shape \(0, 28, 28\); every size must be"):
+        data.read_idx(path)
+
+
+def test_idx_gzip_header_larger_than_deflate_can_inflate(tmp_path):
+    head = b"\0\0\x08\x03" + b"".join(d.to_bytes(4, "big") for d in (60000, 28, 28))
+    path = tmp_path / "small.gz"
+    path.write_bytes(gzip.compress(head + bytes(100)))
+    size = path.stat().st_size
+    with pytest.raises(
+        ValueError, match=rf"\(47040016 bytes\), more than a {size}-byte gzip file can hold"
+    ):
+        data.read_idx(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data checked before it trains: finite pixels, labels that fit the number of classes.
+
+
+def test_float_images_must_be_finite(tmp_path):
+    images = np.zeros((4, 3, 3), np.float32)
+    images[1, 2, 0] = np.nan
+    images[3, 0, 1] = -np.inf
+    with pytest.raises(
+        ValueError,
+        match=r"'npz:.*': images hold 2 non-finite \(NaN/Inf\) float32 pixel values, "
+        r"the first at images\[1, 2, 0, 0\]",
+    ):
+        data.load(_npz(tmp_path, images, [0, 1, 2, 3]))
+    huge = np.full((2, 3, 3), 1e300)  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match=r"images hold 18 non-finite .* images\[0, 0, 0, 0\]"):
+        data.load(_npz(tmp_path, huge, [0, 1]))
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.full((2, 2, 2), np.nan, np.float32))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1], np.uint8))
+    with pytest.raises(ValueError, match=r"'idx:.*': images hold 8 non-finite"):
+        data.load(f"idx:{tmp_path}")
+
+
+def _labels_dataset(tmp_path, labels, **kwargs):
+    labels = np.asarray(labels)
+    return data.load(_npz(tmp_path, np.zeros((len(labels), 2, 2), np.uint8), labels), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "labels, num_classes",
+    [
+        (np.r_[np.arange(10), np.arange(10)], 10),  # a full split
+        (np.r_[0, 1, 2, 3, 5, 6, 7, 8, 9, np.arange(11) % 4], 10),  # 20 examples, class 4 missing
+        ([9, 1, 4], 10),  # a tiny subset: 3 examples can fill at most 3 classes
+        ([7, 2, 9, 0, 3], 10),  # 5 examples: 5 of 10 classes filled, the boundary
+        (np.zeros(5, int), 1),
+    ],
+)
+def test_plausible_inferred_class_counts_load(tmp_path, labels, num_classes):
+    assert _labels_dataset(tmp_path, labels).num_classes == num_classes
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (
+            np.r_[np.arange(2000) % 10, 5000],
+            r"labels imply num_classes=5001 \(labels\[2000\]=5000\), but 4990 of those classes "
+            r"have no example \(11 distinct labels in 2001 examples\); pass num_classes=",
+        ),
+        (
+            np.r_[np.arange(20) % 10, 2**31 - 1],
+            r"labels imply num_classes=2147483648 \(labels\[20\]=2147483647\), more than "
+            r"MAX_CLASSES=100000; pass num_classes=",
+        ),
+        (
+            np.array([2**40, 0]),
+            r"labels imply num_classes=1099511627777 \(labels\[0\]=1099511627776\)",
+        ),
+        (
+            [9, 9, 9],
+            r"labels imply num_classes=10 \(labels\[0\]=9\), but 9 of those classes have no",
+        ),
+        ([0, -1], r"labels must be >= 0, got labels\[1\]=-1"),
+    ],
+)
+def test_implausible_inferred_class_counts_are_refused(tmp_path, labels, match):
+    with pytest.raises(ValueError, match=rf"mixjax.data.load: 'npz:.*d.npz': {match}"):
+        _labels_dataset(tmp_path, labels)
+
+
+def test_declared_num_classes_is_checked_against_every_label(tmp_path):
+    sparse = np.r_[np.arange(2000) % 10, 5000]
+    ds = _labels_dataset(tmp_path, sparse, num_classes=5001)
+    assert ds.num_classes == 5001 and ds.labels[-1] == 5000
+    assert _labels_dataset(tmp_path, [0, 1], num_classes=10).num_classes == 10
+    for labels, bad in (([0, 3, 1, 7], "labels[1]=3"), ([2, -1], "labels[1]=-1")):
+        with pytest.raises(
+            ValueError,
+            match=rf"'npz:.*': labels must be in \[0, 3\) \(num_classes=3 passed to load\), "
+            rf"got {re.escape(bad)}",
+        ):
+            _labels_dataset(tmp_path, labels, num_classes=3)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 2, 2), np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 255], np.uint8))
+    with pytest.raises(ValueError, match=r"'idx:.*': labels must be in \[0, 10\) .*=255"):
+        data.load(f"idx:{tmp_path}", "test", num_classes=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decompression bombs: 1 GiB of zeros in about 1 MB, read in a subprocess whose address space is
+# capped at 512 MiB above what it holds after imports, so a reader that inflates them fails.
+
+_ZERO_MIB = bytes(1 << 20)
+_NEEDS_PROC = pytest.mark.skipif(
+    not os.path.exists("/proc/self/status"), reason="reads VmSize from /proc (Linux)"
+)
+_BOUNDED = """
+import resource, sys
+from mixjax import data
+status = open("/proc/self/status").read()
+vm_kb = int(status.split("VmSize:")[1].split()[0])
+limit = vm_kb * 1024 + (512 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+for call in sys.argv[1:]:
+    try:
+        eval(call)
+        print("loaded")
+    except ValueError as err:
+        print("ValueError:", err)
+"""
+
+
+def _run_bounded(*calls):
+    done = subprocess.run(
+        [sys.executable, "-c", _BOUNDED, *calls], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
+def _idx_head(dtype_code, shape):
+    return bytes([0, 0, dtype_code, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape)
+
+
+def _write_gzip_zeros(path, head, zero_mib):
+    """A gzip file of ``head`` then ``zero_mib`` MiB of zeros, built fast: a full flush resets
+    deflate's state, so one compressed MiB of zeros can be repeated as is."""
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = comp.compress(head) + comp.flush(zlib.Z_FULL_FLUSH)
+    chunk = comp.compress(_ZERO_MIB) + comp.flush(zlib.Z_FULL_FLUSH)
+    assert comp.compress(_ZERO_MIB) + comp.flush(zlib.Z_FULL_FLUSH) == chunk
+    crc = zlib.crc32(head)
+    with open(path, "wb") as f:
+        f.write(b"\x1f\x8b\x08\x00\0\0\0\0\x02\xff" + first)
+        for _ in range(zero_mib):
+            f.write(chunk)
+            crc = zlib.crc32(_ZERO_MIB, crc)
+        f.write(comp.flush())
+        f.write(struct.pack("<II", crc, (len(head) + (zero_mib << 20)) & 0xFFFFFFFF))
+    return str(path)
+
+
+def test_gzip_zeros_helper_writes_valid_gzip(tmp_path):
+    path = _write_gzip_zeros(tmp_path / "z.gz", b"head", 3)
+    with gzip.open(path) as f:
+        assert f.read() == b"head" + bytes(3 << 20)
+
+
+@_NEEDS_PROC
+def test_idx_gzip_bombs_are_refused_with_bounded_memory(tmp_path):
+    # A header that understates its data: 12 pixels announced, 1 GiB follows.
+    small = _write_gzip_zeros(tmp_path / "small.gz", _idx_head(0x08, (3, 4)), 1024)
+    # A header that tells the truth about 1 GiB of images, with 3 labels: counts disagree.
+    _write_gzip_zeros(
+        tmp_path / "train-images-idx3-ubyte.gz", _idx_head(0x08, (1024, 1024, 1024)), 1024
+    )
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(3, np.uint8))
+    assert os.path.getsize(small) < 2 << 20
+    out = _run_bounded(f"data.read_idx({small!r})", f"data.load('idx:{tmp_path}')")
+    assert re.fullmatch(
+        r"ValueError: .*small.gz': header says shape \(3, 4\) of uint8 \(24 bytes\), but the "
+        r"decompressed data holds more than 24 bytes \(extra data\)",
+        out[0],
+    ), out
+    assert re.fullmatch(r"ValueError: .*1024 images but 3 labels; the counts must match", out[1])
+
+
+@_NEEDS_PROC
+def test_npz_bombs_are_refused_with_bounded_memory(tmp_path):
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("images.npy", "w", force_zip64=True) as f:
+            header = {"descr": "|u1", "fortran_order": False, "shape": (1024, 1024, 1024)}
+            np.lib.format.write_array_header_1_0(f, header)
+            for _ in range(1024):
+                f.write(_ZERO_MIB)
+        with zf.open("labels.npy", "w") as f:
+            np.lib.format.write_array(f, np.arange(3))
+    assert os.path.getsize(path) < 8 << 20
+    out = _run_bounded(f"data.load('npz:{path}')")
+    assert re.fullmatch(r"ValueError: .*1024 images but 3 labels; the counts must match", out[0])
 
 
 # ---------------------------------------------------------------------------------------------

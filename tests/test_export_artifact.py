@@ -274,7 +274,7 @@ def test_consistent_but_invalid_contents(saved, tmp_path):
         (fmt, r"not a mixjax artifact \(format 'something.else'\)"),
         (kind, r"leaf 'Conv_0/kernel': unknown kind 'huffman'"),
         (bits, r"leaf 'Conv_0/kernel': .*need a 1-D array of"),
-        (pickled, r"array '1' is not a plain .npy array \(Object arrays cannot be loaded"),
+        (pickled, r"array '1' is not a plain .npy array \(dtype object\)"),
     ]
     for i, (edit, match) in enumerate(cases):
         bad = resealed(tmp_path, saved, edit, f"case{i}.mjx")
@@ -347,6 +347,12 @@ def test_record_errors():
         ),
         ({"shape": [4, -1]}, r"bad shape \[4, -1\]"),
         ({"dtype": "float99"}, "bad dtype 'float99'"),
+        ({"dtype": "(2,f4"}, r"bad dtype '\(2,f4'"),  # NumPy parses it as Python
+        ({"dtype": "O"}, "bad dtype 'O'"),
+        ({"dtype": ["f4"]}, r"bad dtype \['f4'\]"),
+        ({"shape": [2**32, 2**32]}, r"bad shape \[4294967296, 4294967296\] \(more than 1099"),
+        ({"shape": [1] * 33}, r"\(33 axes, more than 32\)"),
+        ({"codes": ["0"]}, r"field 'codes' names array \['0'\], which the artifact does not"),
         ({"bits": 17}, "bad bits=17"),
         ({"scale": "9"}, "field 'scale' names array '9', which the artifact does not hold"),
         ({"shape": [4, 5]}, r"20 codes of 1 bits need a 1-D array of 3 bytes, got shape \(2,\)"),

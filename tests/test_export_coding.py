@@ -143,18 +143,21 @@ def _sparse(shape, density, zero=0, dtype=np.uint8, seed=1):
 
 
 def _reference_relative(values, gap_bits, zero):
-    """Deep Compression's relative indices, one entry at a time (Python)."""
+    """Deep Compression's relative indices, one entry at a time (Python); the end (position
+    ``size``) is bridged by fillers like one more entry, which is not stored."""
     gaps, entries, previous = [], [], -1
-    for position, value in enumerate(values.reshape(-1)):
-        if value == zero:
+    flat = values.reshape(-1)
+    for position in [*range(flat.size), flat.size]:
+        if position < flat.size and flat[position] == zero:
             continue
         while position - previous > 2**gap_bits:
             previous += 2**gap_bits
             gaps.append(2**gap_bits - 1)
             entries.append(zero)
-        gaps.append(position - previous - 1)
-        entries.append(value)
-        previous = position
+        if position < flat.size:
+            gaps.append(position - previous - 1)
+            entries.append(flat[position])
+            previous = position
     return gaps, entries
 
 
@@ -261,3 +264,41 @@ def test_sparse_encoders_reject_bad_input():
         match=r"mixjax.export.positions.sparse_encode: value_bits must be an integer >= 1",
     ):
         positions.sparse_encode(np.zeros(3), value_bits=0)
+
+
+def test_declared_sizes_must_be_backed_by_the_stored_bits():
+    meta, arrays = huffman.huffman_encode(SYMBOL_CASES["skewed"])
+    decode = huffman.huffman_decode
+    # Every code takes >= 1 bit: more symbols than bits is refused before decoding.
+    with pytest.raises(ValueError, match=rf"corrupt encoding: {meta['num_bits'] + 1} symbols "):
+        decode(dict(meta, shape=[meta["num_bits"] + 1]), arrays)
+    with pytest.raises(
+        ValueError, match=r"meta\['shape'\]=\[4294967296, 4294967296\], more than 1099511627776"
+    ):
+        decode(dict(meta, shape=[2**32, 2**32]), arrays)  # 2**64: 0 in int64
+    with pytest.raises(ValueError, match=r"meta\['shape'\]=\[True\], expected a list of integers"):
+        decode(dict(meta, shape=[True]), arrays)
+    # Relative positions: the trailing run is bridged by fillers, so the tail is bounded.
+    values = np.zeros(1000, np.uint8)
+    values[3] = 5
+    meta, arrays = positions.relative_encode(values, gap_bits=4)
+    assert meta["num_entries"] == 1 + (1000 - 4) // 16  # 62 fillers after the entry
+    assert positions.sparse_decode(meta, arrays)[3] == 5
+    # What the encoder wrote before the trailing fillers: 40 entries, then a run of 560 zeros.
+    bare = dict(meta, shape=[600], num_entries=40)
+    bare_arrays = {"gaps": bitpack.pack_bits(np.zeros(40, np.uint8), 4), "values": np.ones(40)}
+    with pytest.raises(
+        ValueError,
+        match=r"the last entry, at position 39, is 561 from the end \(600\); fillers must "
+        r"bridge runs longer than 16",
+    ):
+        positions.sparse_decode(bare, bare_arrays)
+    with pytest.raises(ValueError, match=r"40 entries of 4-bit gaps cannot reach the 657 entries"):
+        positions.sparse_decode(dict(bare, shape=[657]), bare_arrays)
+    with pytest.raises(ValueError, match=r"meta\['zero'\]=300 is not a number of the values' dt"):
+        positions.sparse_decode(dict(meta, zero=300), arrays)
+    # Exactly 2**gap_bits to the end needs no filler; one more needs one.
+    for size, entries in ((19, 1), (20, 2)):
+        values = np.zeros(size, np.uint8)
+        values[3] = 1
+        assert positions.relative_encode(values, gap_bits=4).meta["num_entries"] == entries

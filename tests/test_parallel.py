@@ -6,6 +6,8 @@ JAX fixes its device count when it starts, so when this process has fewer than 8
 multi-device tests skip here.
 """
 
+import types
+
 import flax.linen as nn
 import forced_devices
 import jax
@@ -16,7 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import mixjax
-from mixjax import delay, parallel, prune, quant, schedules, select, share, train
+from mixjax import delay, models, parallel, prune, quant, schedules, select, share, train
 from mixjax.parallel import mesh
 
 DEVICES = 8
@@ -295,3 +297,196 @@ def test_steps_per_call_stacked_batches(setup):
         np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-5, err_msg=name)
         for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want.params), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-replica BatchNorm under the model's own axis name (axis_name=), on a real ResNet-20.
+
+SYNC = "batch"
+
+
+class NormNet(nn.Module):
+    """Dense -> BatchNorm (cross-replica over ``axis_name``) -> Dense, a cheap BN model."""
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Dense(16)(x.reshape((x.shape[0], -1)))
+        x = nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x)
+        return nn.Dense(4)(nn.relu(x))
+
+
+def numpy_init(module, x):
+    """The module's variables drawn with NumPy (He-scaled kernels, unit scales and variances,
+    zero biases and means): compiling ResNet-20's init costs more than its train step."""
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, np.float32)
+        if name != "kernel":
+            return np.zeros(leaf.shape, np.float32)
+        return rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape).astype(
+            np.float32
+        )
+
+    abstract = jax.eval_shape(module.init, jax.random.key(0), x)
+    return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(draw, abstract))
+
+
+@pytest.fixture(scope="module")
+def bn_setup(setup):
+    """ResNet-20 (width 2) with BatchNorm axis_name="batch", and the same model without one
+    trained on one device with the global batch: the reference the wrappers must equal."""
+    synced = models.ResNet20(4, width=2, axis_name=SYNC)
+    plain = models.ResNet20(4, width=2)
+    batches = setup["batches"][:2]
+    variables = numpy_init(plain, batches[0]["image"][:1])
+    tx = optax.sgd(0.1)
+
+    def init(variables=variables):
+        stats = {"batch_stats": variables["batch_stats"]}
+        return train.init_train_state(
+            variables["params"], tx, key=jax.random.key(1), model_state=stats
+        )
+
+    def make(module, replica_axis=None):
+        apply_fn = train.linen_apply(module, train_kwarg="train")
+        if replica_axis is not None:
+            apply_fn = parallel.replica_apply(apply_fn, replica_axis)
+        return train.make_train_step(apply_fn, tx)
+
+    reference = run_bn(make(plain), init(), batches)
+    return types.SimpleNamespace(
+        synced=synced, plain=plain, batches=batches, init=init, make=make, reference=reference
+    )
+
+
+def run_bn(step, state, batches):
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return state, np.array(losses)
+
+
+def assert_same_bn_run(got, want, atol=1e-5):
+    (state, losses), (ref_state, ref_losses) = got, want
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=atol)
+    for tree in ("params", "model_state"):
+        a = select.leaves_with_paths(jax.device_get(getattr(state, tree)))
+        b = select.leaves_with_paths(jax.device_get(getattr(ref_state, tree)))
+        assert [p for p, _ in a] == [p for p, _ in b]
+        for (path, x), (_, y) in zip(a, b, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=atol, err_msg=f"{tree}/{path}")
+
+
+@multi
+def test_data_parallel_cross_replica_batchnorm_equals_the_global_batch(bn_setup):
+    step = parallel.data_parallel(
+        bn_setup.make(bn_setup.synced), parallel.make_mesh(), axis_name=SYNC
+    )
+    got = run_bn(step, bn_setup.init(), bn_setup.batches)
+    assert_same_bn_run(got, bn_setup.reference)
+    moved = got[0].model_state["batch_stats"]["stem_bn"]["mean"]
+    assert float(np.max(np.abs(np.asarray(moved)))) > 1e-3  # the statistics did update
+
+
+@multi
+def test_shard_map_cross_replica_batchnorm_equals_the_global_batch(bn_setup):
+    mesh8 = parallel.make_mesh()
+    step = parallel.shard_map_step(bn_setup.make(bn_setup.synced, SYNC), mesh8, axis_name=SYNC)
+    assert_same_bn_run(run_bn(step, bn_setup.init(), bn_setup.batches), bn_setup.reference)
+
+
+@pytest.fixture(scope="module")
+def norm_net(setup):
+    batches = setup["batches"][:2]
+    variables = NormNet().init(jax.random.key(0), batches[0]["image"][:1], False)
+    tx = optax.sgd(0.1)
+
+    def init():
+        stats = {"batch_stats": variables["batch_stats"]}
+        return train.init_train_state(
+            variables["params"], tx, key=jax.random.key(1), model_state=stats
+        )
+
+    def make(module, replica_axis=None):
+        apply_fn = train.linen_apply(module, train_kwarg="train")
+        if replica_axis is not None:
+            apply_fn = parallel.replica_apply(apply_fn, replica_axis)
+        return train.make_train_step(apply_fn, tx)
+
+    reference = run_bn(make(NormNet()), init(), batches)
+    return types.SimpleNamespace(batches=batches, init=init, make=make, reference=reference)
+
+
+@multi
+def test_pmap_cross_replica_batchnorm_equals_the_global_batch(norm_net):
+    step = parallel.pmap_step(norm_net.make(NormNet(SYNC), SYNC), axis_name=SYNC)
+    state, losses = run_bn(step, parallel.replicate(norm_net.init()), norm_net.batches)
+    assert_same_bn_run((parallel.unreplicate(state), losses), norm_net.reference)
+
+
+@multi
+def test_per_replica_batchnorm_differs_from_the_global_batch(norm_net):
+    """The comparison above is sensitive: without an axis name each replica normalizes its 2
+    examples with their own statistics, and the run differs from the global-batch one."""
+    step = parallel.shard_map_step(norm_net.make(NormNet(), parallel.DATA), parallel.make_mesh())
+    (state, losses), (ref_state, ref_losses) = (
+        run_bn(step, norm_net.init(), norm_net.batches),
+        (norm_net.reference),
+    )
+    assert abs(losses[0] - ref_losses[0]) > 1e-3
+    stats, ref_stats = (
+        s.model_state["batch_stats"]["BatchNorm_0"]["var"] for s in (state, ref_state)
+    )
+    assert float(np.max(np.abs(np.asarray(stats) - np.asarray(ref_stats)))) > 1e-3
+    # ... while the synchronized model, under the same wrapper and its own axis name, is equal.
+    step = parallel.shard_map_step(
+        norm_net.make(NormNet(SYNC), SYNC), parallel.make_mesh(), axis_name=SYNC
+    )
+    assert_same_bn_run(run_bn(step, norm_net.init(), norm_net.batches), norm_net.reference)
+
+
+@multi
+def test_data_parallel_binds_the_data_axis_by_default(norm_net):
+    """A model whose BatchNorm names the mesh's "data" axis needs no axis_name=; the plain
+    step cannot run it (its collective needs the axis bound)."""
+    with pytest.raises(NameError, match="unbound axis name: data"):
+        norm_net.make(NormNet("data"))(norm_net.init(), norm_net.batches[0])
+    step = parallel.data_parallel(
+        norm_net.make(NormNet("data")), parallel.make_mesh(data=2, model=4)
+    )
+    assert_same_bn_run(run_bn(step, norm_net.init(), norm_net.batches), norm_net.reference)
+
+
+def test_data_parallel_on_one_device_runs_a_cross_replica_model(norm_net):
+    mesh1 = parallel.make_mesh(devices=jax.devices()[:1])
+    step = parallel.data_parallel(norm_net.make(NormNet(SYNC)), mesh1, axis_name=SYNC)
+    assert_same_bn_run(run_bn(step, norm_net.init(), norm_net.batches), norm_net.reference)
+
+
+def test_axis_name_errors(setup):
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    data_step = setup["make"](replica=True)  # replica_apply over "data"
+    with pytest.raises(
+        ValueError,
+        match=r"shard_map_step: the step's model must average gradients over the 'batch' axis.*"
+        r"got a replica_apply over 'data'.*replica_apply\(apply_fn, 'batch'\)",
+    ):
+        parallel.shard_map_step(data_step, mesh, axis_name="batch")
+    with pytest.raises(ValueError, match=r"pmap_step: the step's model must average .* 'batch'"):
+        parallel.pmap_step(data_step, axis_name="batch")
+    with pytest.raises(ValueError, match=r"axis_name='model' is another axis of the mesh"):
+        parallel.shard_map_step(data_step, mesh, axis_name="model")
+    for wrap in (
+        lambda n: parallel.data_parallel(setup["make"](), mesh, axis_name=n),
+        lambda n: parallel.shard_map_step(data_step, mesh, axis_name=n),
+        lambda n: parallel.pmap_step(data_step, axis_name=n),
+    ):
+        for bad in (3, "", None):
+            with pytest.raises(TypeError, match=r"axis_name must be a non-empty str .* got axis_n"):
+                wrap(bad)

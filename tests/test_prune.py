@@ -193,6 +193,48 @@ def test_update_every_recomputes_only_on_multiples():
     assert (~masks_of(moved)["Dense_0"]).sum() == round(0.8 * 64 * 32)
 
 
+_UNPROBED = 3001  # steps from here on are ones the eager schedule probe never visits
+_LATE = {_UNPROBED: float("nan"), _UNPROBED + 1: float("inf"), _UNPROBED + 2: -float("inf")}
+_LATE.update({_UNPROBED + 3: 1.5, _UNPROBED + 4: -0.5})
+
+
+def _bad_late(t):
+    """A schedule at 0.5 wherever the eager probe looks, and the values of ``_LATE`` later."""
+    out = jnp.float32(0.5)
+    for step, value in _LATE.items():
+        assert step not in schedules._PROBE_STEPS
+        out = jnp.where(jnp.asarray(t) == step, value, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "make, fully_pruned",
+    [
+        (lambda s: prune.magnitude(s), 0.0),
+        (lambda s: prune.magnitude(s, scope="global"), 0.0),
+        (lambda s: prune.magnitude(s, scope="erk"), 0.0),
+        (lambda s: prune.random(jax.random.key(0), s, structure=prune.Block((2, 2))), 0.0),
+        (lambda s: prune.magnitude(s, structure=prune.NM(1, 4)), 0.25),  # never below 1:4
+    ],
+    ids=["uniform", "global", "erk", "random-block", "nm"],
+)
+def test_schedule_values_the_probe_missed_follow_the_rule_in_jit(make, fully_pruned):
+    rng = np.random.default_rng(3)
+    params = {
+        f"Dense_{i}": {"kernel": jnp.asarray(rng.standard_normal((8, 4 + 4 * i)))} for i in (0, 1)
+    }
+    t = make(_bad_late)  # the factory's eager probe passes
+    update = jax.jit(t.update)
+    state = update(params, t.init(params), 8)  # sparsity 0.5: some weights pruned
+    assert 0 < sum((~m).sum() for m in masks_of(state).values())
+    for step in (_UNPROBED, _UNPROBED + 1, _UNPROBED + 2):  # NaN, inf, -inf: masks kept
+        chex.assert_trees_all_equal(update(params, state, step).masks, state.masks)
+    for mask in masks_of(update(params, state, _UNPROBED + 3)).values():  # 1.5 acts as 1
+        assert mask.mean() == fully_pruned
+    for mask in masks_of(update(params, state, _UNPROBED + 4)).values():  # -0.5 acts as 0
+        assert mask.all()
+
+
 def test_update_compiles_once():
     params = make_params()
     t = prune.magnitude(schedules.polynomial(0.0, 0.9, 0, 100), update_every=10)

@@ -2,6 +2,7 @@
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -246,3 +247,11 @@ def test_check_schedule_rejects_non_numbers(bad):
         r"\(step -> value\), got " + re.escape(repr(bad)) + "$",
     ):
         schedules.check_schedule("mixjax.prune.magnitude", "sparsity", bad, 0.0, 1.0)
+
+
+def test_check_schedule_takes_jax_scalars_and_traced_ones():
+    assert schedules.check_schedule("f", "s", jnp.float32(0.5), 0.0, 1.0)(7) == 0.5
+    with pytest.raises(ValueError, match=r"f: s must be in \[0.0, 1.0\), got s=1.5"):
+        schedules.check_schedule("f", "s", jnp.float32(1.5), 0.0, 1.0)
+    traced = jax.vmap(lambda v: schedules.check_schedule("f", "s", v, 0.0, 1.0)(3))
+    assert traced(jnp.array([0.1, 0.2])).tolist() == pytest.approx([0.1, 0.2])

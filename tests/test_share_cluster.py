@@ -410,3 +410,40 @@ def test_errors():
         ValueError, match=r"assignments has shape \(8, 8\), expected the parameter's shape"
     ):
         t.apply(other, t.init(params))
+
+
+def _with(params, layer, index, value):
+    kernel = params[layer]["kernel"].at[index].set(value)
+    return dict(params, **{layer: dict(params[layer], kernel=kernel)})
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("mode", share.clustering.MODES)
+def test_non_finite_weights_are_refused_where_they_are_concrete(mode, bad):
+    params = _with(_params(), "Dense_1", (2, 3), bad)
+    t = share.cluster(K, mode=mode, update_every=1)
+    match = (
+        r"mixjax.share.cluster: leaf 'Dense_1/kernel' \(8, 8\) float32 holds 1 non-finite "
+        r"values \(NaN/Inf\)"
+    )
+    with pytest.raises(ValueError, match=match):
+        t.init(params)
+    with pytest.raises(ValueError, match=match):  # an eager re-clustering update
+        t.update(params, t.init(_params()), 0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("mode", share.clustering.MODES)
+def test_under_jit_non_finite_weights_stay_put_and_do_not_spread(mode, bad):
+    params = _with(_params(), "Dense_0", (2, 3), bad)
+    t = share.cluster(K, mode=mode, preserve_sparsity=False)
+    state = jax.jit(t.init)(params)  # traced: the values cannot be checked
+    view = np.asarray(jax.jit(t.apply)(params, state)["Dense_0"]["kernel"])
+    w = np.asarray(params["Dense_0"]["kernel"])
+    finite = np.isfinite(w)
+    np.testing.assert_array_equal(view[~finite], w[~finite])  # passed through unchanged
+    # The 63 finite weights are clustered as k-means clusters them without the bad one.
+    fit = kmeans.fit(None, jnp.asarray(w[finite]), K)
+    expected = np.asarray(fit.centroids)[np.asarray(fit.assignments)]
+    np.testing.assert_allclose(view[finite], expected, rtol=1e-6, atol=1e-7)
+    assert np.unique(view[finite]).size == K

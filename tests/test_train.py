@@ -1,5 +1,6 @@
 """Tests of mixjax.train: the composed step, K steps per call, linen/NNX models, eval, errors."""
 
+import textwrap
 import types
 
 import chex
@@ -406,7 +407,9 @@ def test_missing_batch_keys():
     with pytest.raises(TypeError, match=r"make_train_step: batch must be a dict.*got tuple"):
         step(state, (1, 2))
     evaluate = train.make_eval_step(train.linen_apply(MLP()))
-    with pytest.raises(ValueError, match=r"make_eval_step: batch is missing key\(s\) \['image'\]"):
+    with pytest.raises(
+        ValueError, match=r"make_eval_step: batch is missing key\(s\) \['image' or 'tokens'\]"
+    ):
         evaluate(state, {"label": make_data(BATCH, 0)["label"]})
 
 
@@ -454,6 +457,72 @@ def test_bad_init_and_adapters():
         train.make_eval_step(None)
 
 
+def test_init_refuses_params_that_are_not_float():
+    params = MLP().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    ints = dict(params, Dense_1=dict(params["Dense_1"], bias=jnp.arange(CLASSES)))
+    with pytest.raises(
+        TypeError,
+        match=r"init_train_state: params leaf 'Dense_1/bias' \(4,\) int32 is not floating point",
+    ):
+        train.init_train_state(ints, optax.sgd(0.1), key=jax.random.key(0))
+
+    class Counted(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones((2, 3)))
+            self.seen = nnx.Param(jnp.zeros((), jnp.int32))
+            self.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    _, nnx_params, rest = nnx.split(Counted(), nnx.Param, ...)
+    with pytest.raises(TypeError, match=r"params leaf 'seen' \(\) int32 is not floating point"):
+        train.init_train_state(nnx_params, optax.sgd(0.1), key=jax.random.key(0))
+    # Integer variables that are not trained belong in model_state, and are fine there.
+    _, floats, rest = nnx.split(Counted(), nnx.All(nnx.Param, lambda path, v: path[-1] == "w"), ...)
+    state = train.init_train_state(floats, optax.sgd(0.1), key=jax.random.key(0), model_state=rest)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.model_state)} == {jnp.dtype(jnp.int32)}
+
+
+def _adam_setup():
+    module = MLP()
+    params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    tx = optax.adam(1e-3)
+    step = train.make_train_step(train.linen_apply(module), tx, donate=False)
+    return step, train.init_train_state(params, tx, key=jax.random.key(0)), tx
+
+
+def test_params_and_optimizer_state_must_match():
+    step, state, tx = _adam_setup()
+    batch = make_data(BATCH, 0)
+    scaled = state._replace(params=jax.tree.map(lambda x: 0.5 * x, state.params))
+    step(scaled, batch)  # same paths, shapes and dtypes: fine
+    renamed = dict(state.params)
+    renamed["Dense_9"] = renamed.pop("Dense_1")
+    with pytest.raises(
+        ValueError,
+        match=r"make_train_step: state.opt_state does not match state.params: tx.init\(params\) "
+        r"has leaf '0/mu/Dense_9/bias' \(4,\) float32 where state.opt_state has leaf "
+        r"'0/mu/Dense_1/bias' \(4,\) float32 \(params leaf 'Dense_9/bias' \(4,\) float32\); "
+        r"make the state with init_train_state",
+    ):
+        step(state._replace(params=renamed), batch)
+    wider = MLP().init(jax.random.key(1), jnp.zeros((1, 8, 8, 2)))["params"]
+    with pytest.raises(
+        ValueError,
+        match=r"has leaf '0/mu/Dense_0/kernel' \(128, 32\) float32 where state.opt_state has "
+        r"leaf '0/mu/Dense_0/kernel' \(64, 32\) float32 \(params leaf 'Dense_0/kernel'",
+    ):
+        step(state._replace(params=wider), batch)
+    halves = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state.params)
+    with pytest.raises(
+        ValueError, match=r"where state.opt_state has leaf '0/mu/Dense_0/bias' \(32,\) bfloat16"
+    ):
+        step(state._replace(opt_state=tx.init(halves)), batch)  # made on other params
+    sgd_state = train.init_train_state(state.params, optax.sgd(0.1), key=jax.random.key(0))
+    with pytest.raises(
+        ValueError, match=r"has leaf '0/count' \(\) int32 where state.opt_state has no leaf"
+    ):
+        step(sgd_state, batch)  # made for another tx
+
+
 # ----------------------------------------------------------------------------------------------
 # Learned transform state: LSQ step sizes train with the step's optimizer.
 
@@ -499,3 +568,231 @@ def test_lsq_step_sizes_train_in_the_step_as_a_hand_written_loop_would():
         )
     ]
     assert min(moved) > 1e-4, moved  # every step size trained (was exactly 0.0 before)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model variables and RNG streams: linen streams, a deterministic eval, NNX rngs, QAT state.
+
+
+class NoisyDropNet(nn.Module):
+    """Dropout as a config field (``deterministic``), plus a second RNG stream ``"noise"``."""
+
+    deterministic: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(32)(x.reshape((x.shape[0], -1))))
+        x = nn.Dropout(0.5, deterministic=self.deterministic)(x)
+        if not self.deterministic:
+            x = x + 0.1 * jax.random.normal(self.make_rng("noise"), x.shape)
+        return nn.Dense(CLASSES)(x)
+
+
+def _same_trees(a, b):
+    return all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def test_linen_rng_streams_and_a_deterministic_eval_module():
+    module = NoisyDropNet()
+    params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    eval_module = module.clone(deterministic=True)
+    apply_fn = train.linen_apply(module, rng_streams=("dropout", "noise"), eval_module=eval_module)
+    images = jnp.asarray(make_data(BATCH, 0)["image"])
+    key = jax.random.key(5)
+    # Each stream its own key, fold_in(key, crc32(name)): stream_keys.
+    keys = train.stream_keys(key, ("dropout", "noise"))
+    logits, _ = apply_fn(params, {}, images, train=True, key=key)
+    np.testing.assert_allclose(
+        logits, module.apply({"params": params}, images, rngs=keys), rtol=1e-6
+    )
+    assert not _same_trees(jax.random.key_data(keys["dropout"]), jax.random.key_data(keys["noise"]))
+    tx = optax.adam(1e-3)
+    step = train.make_train_step(apply_fn, tx, donate=False)
+    evaluate = train.make_eval_step(apply_fn)
+    batch = make_data(BATCH, 1)
+
+    def init(seed):
+        return train.init_train_state(params, tx, key=jax.random.key(seed))
+
+    (a, ma), (b, mb), (c, mc) = (step(init(seed), batch) for seed in (1, 1, 2))
+    assert _same_trees(a.params, b.params) and float(ma["loss"]) == float(mb["loss"])
+    assert not _same_trees(a.params, c.params) and float(ma["loss"]) != float(mc["loss"])
+    # Eval runs eval_module: no dropout, no noise, whatever the state's key.
+    want = optax.softmax_cross_entropy_with_integer_labels(
+        eval_module.apply({"params": a.params}, batch["image"]), batch["label"]
+    ).mean()
+    for state in (a, a._replace(rng=jax.random.key(9))):
+        np.testing.assert_allclose(evaluate(state, batch)["loss"], want, rtol=1e-5)
+
+
+class RngsNet(nnx.Module):
+    """An NNX model whose ``__call__`` takes ``rngs`` (its dropout holds no stream)."""
+
+    def __init__(self, rngs):
+        self.Dense_0 = nnx.Linear(64, 32, rngs=rngs)
+        self.norm = nnx.BatchNorm(32, rngs=rngs)
+        self.drop = nnx.Dropout(0.5)
+        self.Dense_1 = nnx.Linear(32, CLASSES, rngs=rngs)
+
+    def __call__(self, x, *, rngs):
+        x = nnx.relu(self.norm(self.Dense_0(x.reshape((x.shape[0], -1)))))
+        return self.Dense_1(self.drop(x, rngs=rngs))
+
+
+class DefaultStreamNet(nnx.Module):
+    """Built with one seed: its dropout stream is tagged "default", not "dropout"."""
+
+    def __init__(self, rngs):
+        self.Dense_0 = nnx.Linear(64, 32, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.Dense_1 = nnx.Linear(32, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        return self.Dense_1(self.drop(nnx.relu(self.Dense_0(x.reshape((x.shape[0], -1))))))
+
+
+@pytest.mark.parametrize("net", ["rngs_kwarg", "default_stream"])
+def test_nnx_dropout_follows_the_step_key_and_eval_is_deterministic(net):
+    if net == "rngs_kwarg":
+        model = RngsNet(nnx.Rngs(0))
+        apply_fn = train.nnx_apply(nnx.graphdef(model), rngs_kwarg="rngs")
+    else:
+        model = DefaultStreamNet(nnx.Rngs(0))
+        assert model.drop.rngs.key.tag == "default"
+        apply_fn = train.nnx_apply(nnx.graphdef(model))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.sgd(0.1)
+    step = train.make_train_step(apply_fn, tx, donate=False)
+    evaluate = train.make_eval_step(apply_fn)
+    batch = make_data(BATCH, 2)
+
+    def init(seed):
+        return train.init_train_state(params, tx, key=jax.random.key(seed), model_state=rest)
+
+    (a, ma), (b, mb), (c, mc) = (step(init(seed), batch) for seed in (1, 1, 2))
+    assert _same_trees(a.params, b.params) and float(ma["loss"]) == float(mb["loss"])
+    assert not _same_trees(a.params, c.params) and float(ma["loss"]) != float(mc["loss"])
+    assert jax.tree.structure(a.model_state) == jax.tree.structure(rest)
+    # Eval: the model in eval() mode (dropout off, running statistics), whatever the key.
+    model = nnx.merge(graphdef, a.params, a.model_state)
+    model.eval()
+    kwargs = {"rngs": nnx.Rngs(0)} if net == "rngs_kwarg" else {}
+    want = optax.softmax_cross_entropy_with_integer_labels(
+        model(jnp.asarray(batch["image"]), **kwargs), batch["label"]
+    ).mean()
+    for state in (a, a._replace(rng=jax.random.key(9))):
+        np.testing.assert_allclose(evaluate(state, batch)["loss"], want, rtol=1e-5)
+
+
+def test_nnx_reseed_of_a_default_stream():
+    """What nnx_apply works around: reseeding "dropout" leaves a "default" stream alone."""
+    model = DefaultStreamNet(nnx.Rngs(0))
+    x = jnp.ones((1, 64))
+    draws = []
+    for seed in (1, 2):
+        nnx.reseed(model, dropout=seed)
+        draws.append(model(x))
+    assert not np.allclose(draws[0], draws[1])  # the counter moved on, not the key
+    nnx.reseed(model, dropout=1)
+    again = model(x)
+    assert not np.allclose(again, draws[0])  # so the same key does not repeat a draw
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    apply_fn = train.nnx_apply(graphdef)
+    outs = [apply_fn(params, rest, x, train=True, key=jax.random.key(s))[0] for s in (1, 1, 2)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert not np.allclose(outs[0], outs[2])
+
+
+def _docstring_example(obj):
+    """The indented code block after the ``::`` in ``obj``'s docstring."""
+    doc = textwrap.dedent("\n".join(obj.__doc__.split("\n")[1:]))
+    block = doc.split("::\n", 1)[1]
+    lines = []
+    for line in block.split("\n"):
+        if line and not line.startswith(" "):
+            break
+        lines.append(line)
+    return textwrap.dedent("\n".join(lines))
+
+
+class NormNet(nn.Module):
+    """BatchNorm and dropout switched by a ``train`` keyword that defaults to ``False`` (as the
+    reference models' are)."""
+
+    @nn.compact
+    def __call__(self, x, *, train=False):
+        return NormDropNet()(x, train)
+
+
+def test_activation_quant_adapter_keeps_batch_stats():
+    """The ApplyFn docstring's adapter, run as written: observers and batch statistics in one
+    model state, both updated by the step."""
+    module = NormNet()
+    images = jnp.asarray(make_data(BATCH, 0)["image"])
+    scope = {"mixjax": mixjax, "module": module, "key": jax.random.key(0), "x": images}
+    exec(_docstring_example(train.ApplyFn), scope)
+    apply_fn, params, model_state = scope["apply_fn"], scope["params"], scope["model_state"]
+    act, variables = scope["act"], scope["variables"]
+    assert sorted(model_state) == ["act", "model"]
+    assert sorted(model_state["model"]) == ["batch_stats"]
+
+    tx = optax.sgd(0.1)
+    state = train.init_train_state(params, tx, key=jax.random.key(0), model_state=model_state)
+    new, _ = train.make_train_step(apply_fn, tx, steps_per_call=2)(state, stacked(2, 0))
+    assert jax.tree.structure(new.model_state) == jax.tree.structure(model_state)
+    for observed in new.model_state["act"].values():
+        assert int(observed.count) == 2 and float(observed.max) > float(observed.min)
+    stats = new.model_state["model"]["batch_stats"]["NormDropNet_0"]["BatchNorm_0"]
+    old = variables["batch_stats"]["NormDropNet_0"]["BatchNorm_0"]
+    assert not np.allclose(stats["mean"], old["mean"])
+    batch = make_data(BATCH, 5)
+
+    @jax.jit
+    def expected_loss(params, model_state, images, labels):
+        variables = {"params": params, **model_state["model"]}
+        fn = lambda x: module.apply(variables, x, train=False)
+        logits, _ = act.apply(fn, model_state["act"], images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    expected = expected_loss(new.params, new.model_state, batch["image"], batch["label"])
+    np.testing.assert_allclose(train.make_eval_step(apply_fn)(new, batch)["loss"], expected, 1e-5)
+
+
+def test_image_batch_with_per_example_weights():
+    step, state = tiny_setup()
+    batch = make_data(BATCH, 0)
+    weight = np.zeros(BATCH, np.float32)
+    weight[:5] = 1.0
+    _, weighted = step(state, dict(batch, weight=weight))
+    _, first_five = step(state, {k: v[:5] for k, v in batch.items()})
+    np.testing.assert_allclose(weighted["loss"], first_five["loss"], rtol=1e-6)
+    np.testing.assert_allclose(weighted["accuracy"], first_five["accuracy"], rtol=1e-6)
+    assert sorted(weighted) == ["accuracy", "loss"]
+    evaluate = train.make_eval_step(train.linen_apply(MLP()))
+    np.testing.assert_allclose(
+        evaluate(state, dict(batch, weight=weight > 0))["loss"],
+        evaluate(state, {k: v[:5] for k, v in batch.items()})["loss"],
+        rtol=1e-6,
+    )
+
+
+def test_bad_rng_and_eval_arguments():
+    with pytest.raises(TypeError, match=r"linen_apply: rng_streams must be a tuple of stream"):
+        train.linen_apply(MLP(), rng_streams="dropout")
+    with pytest.raises(TypeError, match=r"nnx_apply: rng_streams must be a tuple of non-empty"):
+        train.nnx_apply(nnx.graphdef(RngsNet(nnx.Rngs(0))), rng_streams=("dropout", 3))
+    with pytest.raises(ValueError, match=r"linen_apply: rng_streams must not repeat a name"):
+        train.linen_apply(MLP(), rng_streams=("dropout", "dropout"))
+    with pytest.raises(TypeError, match=r"linen_apply: eval_module must be None or a linen Mod"):
+        train.linen_apply(MLP(), eval_module=lambda x: x)
+    with pytest.raises(TypeError, match=r"linen_apply: train_kwarg must be None or a keyword"):
+        train.linen_apply(MLP(), train_kwarg=1)
+    with pytest.raises(
+        TypeError,
+        match=r"nnx_apply: RngsNet.__call__ requires an 'rngs' argument; pass rngs_kwarg='rngs'",
+    ):
+        train.nnx_apply(nnx.graphdef(RngsNet(nnx.Rngs(0))))
+    with pytest.raises(TypeError, match=r"nnx_apply: rngs_kwarg must be None or a keyword name"):
+        train.nnx_apply(nnx.graphdef(RngsNet(nnx.Rngs(0))), rngs_kwarg="not a name")

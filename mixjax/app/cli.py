@@ -5,6 +5,7 @@ Examples::
     mixjax run                                    # embedded digits, defaults, ./mixjax-run
     mixjax run --config run.toml --train-steps 500 --output out
     mixjax run --output out --resume              # continue from the latest checkpoints
+    mixjax run --output out --overwrite           # start the run in out again
     mixjax report out/model.mjx                   # per-leaf size table
     mixjax eval out/model.mjx --data digits --split test
 
@@ -62,7 +63,15 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             help=f"{field.metadata['help']} (default: {default}; TOML: {key})",
         )
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoints in --output"
+        "--resume",
+        action="store_true",
+        help="continue the run in --output from its latest intact checkpoints (the same settings)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of an earlier run in --output (files mixjax did not write are "
+        "kept); without --resume or --overwrite, --output must be empty or absent",
     )
     parser.add_argument(
         "--stop-after",
@@ -151,6 +160,7 @@ def _run(args: argparse.Namespace) -> int:
         report = pipeline.run(
             cfg,
             resume=args.resume,
+            overwrite=args.overwrite,
             quiet=args.quiet,
             progress=not args.quiet,
             stop_after=args.stop_after,
@@ -165,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from mixjax import export
+    from mixjax import _markdown, export
     from mixjax.export.report import row_dict
 
     artifact = export.load(args.path)
@@ -174,8 +184,10 @@ def _report(args: argparse.Namespace) -> int:
         print(json.dumps([row_dict(r) for r in table.rows], indent=1))
         return 0
     meta = artifact.metadata
-    if "model" in meta:
-        print(f"model {meta['model']}, {meta['num_classes']} classes, input {meta['input_shape']}")
+    if "model" in meta:  # metadata is the file's: escaped (no ANSI codes, no newlines)
+        keys = ("model", "num_classes", "input_shape")
+        model, classes, shape = (_markdown.cell(meta.get(key, "?")) for key in keys)
+        print(f"model {model}, {classes} classes, input {shape}")
     print(table.markdown)
     return 0
 
@@ -185,8 +197,12 @@ def _eval(args: argparse.Namespace) -> int:
     from mixjax.app import evaluate
 
     artifact = export.load(args.path)
+    try:  # metadata and leaves checked against the model before any data is read
+        fns = evaluate.forwards(artifact)
+    except ValueError as err:
+        raise ValueError(f"{args.path!r}: {err}") from None
     dataset = data.load(args.data, args.split)
-    scores = evaluate.evaluate(artifact, dataset)
+    scores = evaluate.evaluate(artifact, dataset, fns=fns)
     print(f"{args.data} {args.split}: {len(dataset.labels)} images")
     for name, value in scores.items():
         print(f"{name}: {100 * value:.2f}%")

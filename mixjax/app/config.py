@@ -19,6 +19,7 @@ options), and :func:`validate` checks every value once, before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from mixjax import _checks
+from mixjax.data.loaders import MAX_CLASSES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,10 +36,14 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 COMPENSATIONS = ("none", "dc", "dc_adaptive")
+MAX_SEED = 2**32 - 1
+MAX_TAU = 1024
 _NAME = "mixjax.app.config"
 
 __all__ = [
     "COMPENSATIONS",
+    "MAX_SEED",
+    "MAX_TAU",
     "Compress",
     "Config",
     "Data",
@@ -64,6 +70,12 @@ class Data:
         "digits",
         "--dataset",
         "dataset: 'digits' (embedded, offline), a prepared TFDS name, 'idx:DIR' or 'npz:FILE'",
+    )
+    num_classes: int | None = _opt(
+        None,
+        "--num-classes",
+        "the dataset's classes; none: the TFDS label's count, else max(label) + 1 (refused when "
+        "most of those classes have no example)",
     )
     batch_size: int = _opt(128, "--batch-size", "examples per float-stage training step")
     degrees: float = _opt(
@@ -235,12 +247,15 @@ def validate(config: Config) -> Config:
       ValueError: the first bad value, named as ``section.field``.
     """
     d, t, c, r = config.data, config.train, config.compress, config.run
+    for key, field in options():
+        value = getattr(getattr(config, key.split(".")[0]), field.name)
+        if base_type(field.type) == "float" and value is not None:
+            _check(math.isfinite(value), key, "finite", value)
     k = t.steps_per_call
     batches = [("data.batch_size", d.batch_size), ("compress.batch_size", c.batch_size)]
     for key, value in [*batches, ("train.steps_per_call", k)]:
         _check(value >= 1, key, ">= 1", value)
-    for key, value in [("train.tau", t.tau), ("train.weight_decay", t.weight_decay)]:
-        _check(value >= 0, key, ">= 0", value)
+    _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
     _check(0 <= d.degrees <= 180, "data.degrees", "in [0, 180]", d.degrees)
     _check(0 <= d.translate < 1, "data.translate", "in [0, 1)", d.translate)
     for key, value in [
@@ -252,6 +267,15 @@ def validate(config: Config) -> Config:
         _check(
             value >= k and value % k == 0, key, f"a positive multiple of steps_per_call={k}", value
         )
+    # Every stage keeps tau gradients in flight (tau copies of the parameters), and a stage no
+    # longer than tau would apply none of its updates.
+    shortest = min(t.steps, c.prune_steps, c.qat_steps)
+    _check(
+        0 <= t.tau <= min(MAX_TAU, shortest - 1),
+        "train.tau",
+        f"in 0..{MAX_TAU} and shorter than every stage ({shortest} steps)",
+        t.tau,
+    )
     for key, value in [("train.lr", t.lr), ("compress.prune_lr", c.prune_lr)]:
         _check(value > 0, key, "> 0", value)
     _check(c.qat_lr > 0, "compress.qat_lr", "> 0", c.qat_lr)
@@ -272,8 +296,15 @@ def validate(config: Config) -> Config:
         value = getattr(c, name)
         _check(2 <= value <= 8, f"compress.{name}", "in 2..8 (integer inference)", value)
     _check(bool(r.output), "run.output", "a non-empty path", r.output)
-    _check(r.seed >= 0, "run.seed", ">= 0", r.seed)
+    # jax.random.key keeps 32 bits of the seed (without x64): larger seeds would alias.
+    _check(0 <= r.seed <= MAX_SEED, "run.seed", f"in 0..{MAX_SEED}", r.seed)
     _check(r.devices >= 1, "run.devices", ">= 1", r.devices)
+    _check(
+        d.num_classes is None or 2 <= d.num_classes <= MAX_CLASSES,
+        "data.num_classes",
+        f"in 2..{MAX_CLASSES}",
+        d.num_classes,
+    )
     for key, value in batches:
         _check(value % r.devices == 0, key, f"divisible by devices={r.devices}", value)
     return config

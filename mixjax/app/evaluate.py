@@ -13,6 +13,7 @@ the file alone.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -20,9 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixjax import data, export, models, quant
+from mixjax import data, export, models, quant, select
+from mixjax.data import MAX_CLASSES
+from mixjax.export import encoding
 
-__all__ = ["NORMALIZE", "evaluate", "forwards", "metadata", "time_integer"]
+__all__ = [
+    "MAX_INPUT_ELEMENTS",
+    "NORMALIZE",
+    "evaluate",
+    "forwards",
+    "metadata",
+    "time_integer",
+]
 
 _NAME = "mixjax.app.evaluate"
 NORMALIZE = {"mean": 0.5, "std": 0.5}
@@ -46,21 +56,131 @@ def metadata(
     }
 
 
-def _model(artifact: export.Artifact) -> tuple[Any, Any, quant.ActivationQuant, dict]:
+_REQUIRED = ("model", "num_classes", "activations")
+MAX_INPUT_ELEMENTS = 1 << 24
+
+
+def _bad(key: str, expected: str, value: Any) -> ValueError:
+    return ValueError(
+        f"{_NAME}: metadata {key!r} must be {expected}, got {encoding.short_repr(value)}"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A JSON number that is finite as a float32 (what the forwards compute in)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) <= float(np.finfo(np.float32).max)  # False for NaN too
+
+
+def _preprocess(meta: dict[str, Any], channels: int) -> dict[str, Any]:
+    prep = meta.get("preprocess", NORMALIZE)
+    expected = f"{{'mean': m, 'std': s}} with finite floats or {channels} per channel, std > 0"
+    if not isinstance(prep, dict) or not set(prep) <= {"mean", "std"}:
+        raise _bad("preprocess", expected, prep)
+    for key, value in prep.items():
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and len(value) != channels:
+            raise _bad("preprocess", expected, prep)
+        if not all(_is_real(v) and (key == "mean" or v > 0) for v in values):
+            raise _bad("preprocess", expected, prep)
+    return prep
+
+
+def _activations(meta: dict[str, Any]) -> tuple[quant.ActivationQuant, dict]:
+    spec = meta["activations"]
+    if not isinstance(spec, dict) or not {"bits", "ranges"} <= set(spec):
+        raise _bad("activations", "{'bits': b, 'ranges': {layer: [min, max]}}", spec)
+    bits, ranges = spec["bits"], spec["ranges"]
+    if not _is_int(bits) or not 2 <= bits <= 16:
+        raise _bad("activations.bits", "an integer in [2, 16]", bits)
+    if not isinstance(ranges, dict):
+        raise _bad("activations.ranges", "a dict {layer: [min, max]}", ranges)
+    for path, pair in ranges.items():
+        if not (isinstance(pair, list) and len(pair) == 2 and all(map(_is_real, pair))):
+            raise _bad(f"activations.ranges.{path}", "[min, max], finite", pair)
+        if pair[0] > pair[1]:
+            raise _bad(f"activations.ranges.{path}", "[min, max] with min <= max", pair)
+    one = jnp.ones([], jnp.int32)
+    act_state = {
+        p: quant.ObserverState(jnp.float32(lo), jnp.float32(hi), one)
+        for p, (lo, hi) in ranges.items()
+    }
+    return quant.activation_quant(bits), act_state
+
+
+def _check_leaves(records: Any, shapes: Any, what: str, noun: str = "parameter") -> None:
+    """Raises naming the first leaf whose path or shape differs from the model's variables
+    (``records``: the artifact's leaves or model-state leaves)."""
+    stored = {leaf.get("path"): tuple(leaf.get("shape") or ()) for leaf in records}
+    wanted = {path: tuple(s.shape) for path, s in select.leaves_with_paths(shapes)}
+    for path, shape in wanted.items():
+        if path not in stored:
+            raise ValueError(
+                f"{_NAME}: {what} has a {noun} {path!r} {shape}; the artifact has none"
+            )
+        if stored[path] != shape:
+            raise ValueError(
+                f"{_NAME}: leaf {path!r} has shape {stored[path]} in the artifact, {what} has "
+                f"{shape}"
+            )
+    for path, shape in stored.items():
+        if path not in wanted:
+            name = encoding.short_repr(path, 200)  # a name from the file: maybe megabytes
+            raise ValueError(f"{_NAME}: the artifact's leaf {name} {shape} is no {noun} of {what}")
+
+
+def _model(artifact: export.Artifact) -> tuple[Any, Any, quant.ActivationQuant, dict, dict]:
+    """The model, params, activation quantizer, its state and the preprocessing, all checked."""
     meta = artifact.metadata
-    missing = [k for k in ("model", "num_classes", "activations") if k not in meta]
+    missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise ValueError(
             f"{_NAME}: the artifact has no {missing} metadata (was it made by `mixjax run`?)"
         )
-    model = models.create(meta["model"], meta["num_classes"])
-    act = quant.activation_quant(meta["activations"]["bits"])
-    one = jnp.ones([], jnp.int32)
-    act_state = {
-        p: quant.ObserverState(jnp.float32(lo), jnp.float32(hi), one)
-        for p, (lo, hi) in meta["activations"]["ranges"].items()
-    }
-    return model, artifact.params(), act, act_state
+    if "input_shape" not in meta:
+        raise ValueError(f"{_NAME}: the artifact has no 'input_shape' metadata")
+    name, num_classes, input_shape = meta["model"], meta["num_classes"], meta["input_shape"]
+    if not isinstance(name, str) or name not in models.MODELS:
+        raise _bad("model", f"one of {sorted(models.MODELS)}", name)
+    if not _is_int(num_classes) or not 1 <= num_classes <= MAX_CLASSES:
+        raise _bad("num_classes", f"an integer in [1, {MAX_CLASSES}]", num_classes)
+    if (
+        not isinstance(input_shape, list)
+        or not 1 <= len(input_shape) <= 8
+        or not all(_is_int(n) and 1 <= n <= MAX_INPUT_ELEMENTS for n in input_shape)
+        or math.prod(input_shape) > MAX_INPUT_ELEMENTS
+    ):
+        raise _bad(
+            "input_shape",
+            f"a list of 1 to 8 positive integers, at most {MAX_INPUT_ELEMENTS} elements",
+            input_shape,
+        )
+    prep = _preprocess(meta, input_shape[-1])
+    act, act_state = _activations(meta)
+    model = models.create(name, num_classes)
+    what = f"model {name!r} ({num_classes} classes, input {input_shape})"
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    try:
+        variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    except Exception as err:  # noqa: BLE001 - flax/JAX shape errors of many types
+        raise ValueError(f"{_NAME}: {what} cannot be built: {err}") from None
+    shapes = variables["params"]
+    _check_leaves(artifact.leaves, shapes, what)
+    others = {k: v for k, v in variables.items() if k != "params"}
+    _check_leaves(artifact.state_leaves, others, what, "model variable (batch statistics)")
+    layers = act.init(lambda p, x: model.apply({"params": p}, x), shapes, x)
+    for path in [*layers, *act_state]:
+        if (path in layers) != (path in act_state):
+            raise ValueError(
+                f"{_NAME}: metadata 'activations.ranges' must have one range per Dense/Conv layer "
+                f"of {what} ({sorted(layers)}), got {sorted(act_state)}"
+            )
+    return model, artifact.params(), act, act_state, prep
 
 
 def forwards(artifact: export.Artifact) -> dict[str, Any]:
@@ -69,12 +189,18 @@ def forwards(artifact: export.Artifact) -> dict[str, Any]:
     (activations fake-quantized with the stored ranges) and ``"integer"``
     (:func:`mixjax.export.integer_apply`).
 
+    The metadata is validated first, and the artifact's leaves (paths and shapes) are compared
+    with the parameters of the model it names (``jax.eval_shape`` of its ``init``).
+
     Raises:
-      ValueError: the artifact lacks the metadata of :func:`metadata`.
+      ValueError: the artifact lacks the metadata of :func:`metadata`; a field is malformed
+        (an unknown model, ``num_classes`` not in ``[1, 2**20]``, ``input_shape`` not a list of
+        positive integers, bad activation bits or ranges, bad preprocessing), naming the key;
+        or a leaf differs from the model's parameters, naming it with both shapes.
     """
-    model, params, act, act_state = _model(artifact)
-    prep = artifact.metadata.get("preprocess", NORMALIZE)
-    fn = lambda x: model.apply({"params": params}, x)  # noqa: E731
+    model, params, act, act_state, prep = _model(artifact)
+    variables = {"params": params, **artifact.model_state()}
+    fn = lambda x: model.apply(variables, x)  # noqa: E731
     int_model = export.integer_model(artifact, act, act_state)
     norm = lambda x: data.normalize(x, **prep)  # noqa: E731
     return {

@@ -24,8 +24,10 @@ times the integer path against the float forward, writes ``report.json`` and the
 
 Each stage runs through :func:`mixjax.app.stages.run_stage`: checkpoints go to
 ``<output>/checkpoints/<stage>`` every ``checkpoint_every`` steps and at each stage's end; with
-``resume=True`` each stage continues from its latest one, and an interrupted and resumed run ends
-with the same parameters as an uninterrupted one.
+``resume=True`` each stage continues from its latest intact one, and an interrupted and resumed
+run ends with the same parameters and history as an uninterrupted one. The output directory is
+guarded by a run file (:mod:`mixjax.app.rundir`): a non-empty one is used only to resume the
+same configuration or, with ``overwrite=True``, to replace what an earlier run wrote there.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import shutil
 import sys
 import time
 from typing import Any
@@ -58,14 +59,13 @@ from mixjax import (
     train,
 )
 from mixjax.app import config as config_lib
-from mixjax.app import evaluate
-from mixjax.app.stages import Run, Stage, Stopped, log, run_stage, write_json
+from mixjax.app import evaluate, plots, rundir
+from mixjax.app.rundir import ARTIFACT, CHECKPOINTS, REPORT, write_json
+from mixjax.app.stages import STAGES, Run, Stage, Stopped, log, run_stage
 from mixjax.export.report import row_dict
 
 __all__ = ["ARTIFACT", "REPORT", "Stopped", "run"]
 
-ARTIFACT = "model.mjx"
-REPORT = "report.json"
 # The sparsity ramp ends here (fraction of the stage); the final masks are then fine-tuned while
 # the learning rate decays to zero (a gentle ramp and a decayed fine-tune lose the least).
 _PRUNE_END = 0.4
@@ -219,6 +219,7 @@ def run(
     cfg: config_lib.Config,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     quiet: bool = False,
     stop_after: int | None = None,
@@ -227,8 +228,10 @@ def run(
 
     Args:
       cfg: the configuration (validated here).
-      resume: continue each stage from its latest checkpoint in ``cfg.run.output``; else
-        existing checkpoints there are removed first.
+      resume: continue the run in ``cfg.run.output``, each stage from its latest intact
+        checkpoint; the configuration must be the run's (:mod:`mixjax.app.rundir`).
+      overwrite: replace the outputs of an earlier run in ``cfg.run.output`` (other files there
+        are kept). Without ``resume`` or ``overwrite``, the directory must be empty or absent.
       progress: tqdm progress bars on stderr.
       quiet: no log lines on stderr.
       stop_after: stop (raising :class:`mixjax.app.stages.Stopped`, after writing a
@@ -240,18 +243,28 @@ def run(
       the per-stage accuracy and bytes, the configuration, timings and the environment.
 
     Raises:
-      ValueError / FileNotFoundError: a bad configuration or dataset.
+      ValueError / FileNotFoundError: a bad configuration, dataset or output directory; a
+        stage diverged (non-finite loss).
       Stopped: ``stop_after`` was reached.
     """
     config_lib.validate(cfg)
     began = time.perf_counter()
     load_start = list(os.getloadavg())
     out, c = cfg.run.output, cfg.compress
-    train_set, test_set = data.load(cfg.data.dataset, "train"), data.load(cfg.data.dataset, "test")
+    train_set, test_set = (
+        data.load(cfg.data.dataset, split, num_classes=cfg.data.num_classes)
+        for split in ("train", "test")
+    )
     num_classes = max(train_set.num_classes, test_set.num_classes)
-    os.makedirs(out, exist_ok=True)
-    if not resume:
-        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+    run_file = rundir.prepare(
+        out,
+        cfg,
+        [ARTIFACT, REPORT, *plots.FILES, *(f"{CHECKPOINTS}/{s}" for s in STAGES)],
+        resume=resume,
+        overwrite=overwrite,
+        extras={"quiet": quiet, "stop_after": stop_after},
+        log=lambda message: log(quiet, message),
+    )
     log(
         quiet,
         f"{cfg.data.dataset}: {len(train_set.labels)} train / {len(test_set.labels)} test "
@@ -315,10 +328,9 @@ def run(
     ).nbytes
     results = {"float": dense, "prune": pruned, "qat": qat}
     report = _report(cfg, results, pruned_bytes, loaded, test_set, tick)
+    report["resumes"] = run_file.get("resumes", [])
     report["timings_s"]["total"] = time.perf_counter() - began
     report["environment"]["loadavg_start"] = load_start
-    from mixjax.app import plots  # matplotlib is imported only when plotting
-
     report["plots"] = plots.write_all(report, jax.device_get(dense.state.params), loaded, out)
     write_json(os.path.join(out, REPORT), report)
     return report

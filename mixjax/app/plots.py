@@ -22,12 +22,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mixjax import export, select  # noqa: E402
+from mixjax import _files, export, select  # noqa: E402
 from mixjax.export import kinds  # noqa: E402
 
 __all__ = ["FILES", "accuracy_bytes", "sparsity", "training", "weights", "write_all"]
 
 FILES = ("training.png", "sparsity.png", "weights.png", "accuracy_bytes.png")
+
+
+def _save(fig: Any, path: str) -> None:
+    """Writes ``fig`` as a PNG atomically (:func:`mixjax._files.write_atomic`) and closes it."""
+    try:
+        _files.write_atomic(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _smooth(values: np.ndarray) -> np.ndarray:
@@ -54,8 +62,7 @@ def training(history: dict[str, list[dict[str, float]]], path: str) -> None:
         ax.legend()
     axes[0].set_yscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def sparsity(layers: list[dict[str, Any]], path: str) -> None:
@@ -69,8 +76,7 @@ def sparsity(layers: list[dict[str, Any]], path: str) -> None:
     ax.set_title("sparsity per leaf")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def weights(dense: Any, artifact: export.Artifact, path: str) -> None:
@@ -88,8 +94,7 @@ def weights(dense: Any, artifact: export.Artifact, path: str) -> None:
     ax.set_ylabel("count")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def accuracy_bytes(stages: list[dict[str, Any]], path: str) -> None:
@@ -107,8 +112,7 @@ def accuracy_bytes(stages: list[dict[str, Any]], path: str) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_all(report: dict[str, Any], dense: Any, artifact: export.Artifact, out: str) -> list[str]:

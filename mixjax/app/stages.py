@@ -13,7 +13,6 @@ resumed run ends with the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 import time
@@ -27,11 +26,14 @@ from tqdm.auto import tqdm
 
 from mixjax import checkpoint, data, parallel, select, train
 from mixjax.app import config as config_lib
+from mixjax.app import rundir
 from mixjax.core import ParamTransform
 
-__all__ = ["STAGES", "Result", "Run", "Stage", "Stopped", "log", "run_stage", "write_json"]
+__all__ = ["STAGES", "Result", "Run", "Stage", "Stopped", "log", "run_stage", "warn"]
 
 STAGES = ("float", "prune", "qat")
+# The per-step metrics a stage records (its history), in the order its checkpoints store them.
+_METRICS = ("loss", "accuracy")
 
 
 class Stopped(Exception):  # noqa: N818 - a normal outcome, not an error
@@ -112,11 +114,9 @@ def log(quiet: bool, message: str) -> None:
         print(f"mixjax: {message}", file=sys.stderr, flush=True)
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Writes ``obj`` as JSON to ``path`` atomically (a temporary file, then ``os.replace``)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+def warn(message: str) -> None:
+    """``mixjax: warning: message`` on stderr, even when quiet."""
+    print(f"mixjax: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _check_finite(stage: str, params: Any) -> None:
@@ -140,24 +140,66 @@ def _init_state(stage: Stage, params, key, model_state) -> train.TrainState:
     return jax.jit(init)(params, key, model_state)
 
 
-def _restore(directory: str, like: train.TrainState, resume: bool) -> train.TrainState:
-    step = checkpoint.latest_step(directory) if resume and os.path.isdir(directory) else None
-    return like if step is None else checkpoint.restore(directory, like, step=step)
+def _history(saved: np.ndarray) -> list[dict[str, float]]:
+    return [
+        {"step": i + 1, "loss": float(loss), "accuracy": float(accuracy)}
+        for i, (loss, accuracy) in enumerate(saved)
+    ]
+
+
+def _restore(run: Run, directory: str, like: train.TrainState) -> tuple[Any, list]:
+    """The state and history of the stage's newest intact checkpoint (``like`` and ``[]``
+    without one, or when not resuming); damaged checkpoints are renamed ``<step>.damaged``."""
+    if not run.resume or not os.path.isdir(directory):
+        return like, []
+    for step in reversed(checkpoint.steps(directory)):
+        target = {"state": like, "history": np.zeros((step, len(_METRICS)), np.float32)}
+        try:
+            saved = checkpoint.restore(directory, target, step=step)
+        except checkpoint.DamagedCheckpointError as err:
+            aside = os.path.join(directory, f"{step}.damaged")
+            os.replace(os.path.join(directory, str(step)), aside)
+            warn(f"{err}; moved it to {aside!r} and resuming from the checkpoint before it")
+            continue
+        return saved["state"], _history(saved["history"])
+    return like, []
+
+
+def _check_losses(stage: str, directory: str, first: int, metrics: Any) -> None:
+    """Raises if a loss of the steps ``first + 1, ...`` that ``metrics`` holds is not finite."""
+    losses = np.reshape(metrics["loss"], -1)
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        last = checkpoint.latest_step(directory) if os.path.isdir(directory) else None
+        kept = "none was written" if last is None else f"the last is step {last} in {directory!r}"
+        raise ValueError(
+            f"mixjax.app.pipeline: the {stage} stage diverged: training loss {losses[bad[0]]} at "
+            f"step {first + int(bad[0]) + 1} (stopped there; checkpoints hold only finite steps: "
+            f"{kept}); lower its learning rate and start again with --overwrite"
+        )
+
+
+def _extend(history: list, metrics: Any, stage: str, directory: str) -> None:
+    """Appends the steps of one call's (host) ``metrics`` to ``history``, checked finite."""
+    _check_losses(stage, directory, len(history), metrics)
+    values = {n: np.reshape(metrics[n], -1) for n in _METRICS}
+    first = len(history)
+    for j in range(len(values["loss"])):
+        history.append({"step": first + j + 1, **{n: float(values[n][j]) for n in _METRICS}})
 
 
 def _train(run: Run, stage: Stage, state: train.TrainState, step: Callable) -> tuple:
     """Runs ``stage`` from ``state`` (or its latest checkpoint, resuming) to its last step;
-    returns (state, history, steps per second)."""
+    returns (state, history, steps per second).
+
+    A checkpoint holds the state and the history up to it (one commit), so a resumed stage's
+    history is the uninterrupted one's whenever the run was killed. A non-finite training loss
+    stops the stage before any checkpoint holds it."""
     cfg, k = run.cfg, run.cfg.train.steps_per_call
     every, stop_after = cfg.run.checkpoint_every, run.stop_after
-    directory = os.path.join(cfg.run.output, "checkpoints", stage.name)
-    history_path = directory + ".history.json"
-    state = _restore(directory, state, run.resume)
+    directory = os.path.join(cfg.run.output, rundir.CHECKPOINTS, stage.name)
+    state, history = _restore(run, directory, state)
     start = int(state.step)
-    history = []
-    if start and os.path.exists(history_path):
-        with open(history_path) as f:
-            history = [h for h in json.load(f) if h["step"] <= start]
     seed = cfg.run.seed * len(STAGES) + STAGES.index(stage.name)
     groups = data.stacked_batches(run.train_set, stage.batch_size, k, seed=seed, epochs=None)
     bar = tqdm(
@@ -171,43 +213,34 @@ def _train(run: Run, stage: Stage, state: train.TrainState, step: Callable) -> t
         dynamic_ncols=True,
     )
     pending, t, timed_from, timed_steps = [], start, None, 0
-
-    def flush():
-        for m in jax.device_get(pending):
-            first = history[-1]["step"] if history else 0
-            for j in range(k):
-                history.append(
-                    {
-                        "step": first + j + 1,
-                        "loss": float(np.reshape(m["loss"], -1)[j]),
-                        "accuracy": float(np.reshape(m["accuracy"], -1)[j]),
-                    }
+    with bar:
+        for group in itertools.islice(groups, start // k, stage.steps // k):
+            if stop_after is not None and stage.offset + t >= stop_after:
+                raise Stopped(f"stopped after {stop_after} steps; continue with --resume")
+            batch = group if k > 1 else {key: v[0] for key, v in group.items()}
+            state, metrics = step(state, batch)
+            pending.append(metrics)
+            t += k
+            if timed_from is None:  # the first call compiles: time from its end
+                jax.block_until_ready(metrics)
+                timed_from = time.perf_counter()
+            else:
+                timed_steps += k
+            bar.update(k)
+            if len(pending) > 1:  # the call before this one is done: check it as this one runs
+                previous = jax.device_get(pending[-2])
+                _check_losses(
+                    stage.name, directory, len(history) + (len(pending) - 2) * k, previous
                 )
-        pending.clear()
-
-    for group in itertools.islice(groups, start // k, stage.steps // k):
-        if stop_after is not None and stage.offset + t >= stop_after:
-            bar.close()
-            raise Stopped(f"stopped after {stop_after} steps; continue with --resume")
-        batch = group if k > 1 else {key: v[0] for key, v in group.items()}
-        state, metrics = step(state, batch)
-        pending.append(metrics)
-        t += k
-        if timed_from is None:  # the first call compiles: time from its end
-            jax.block_until_ready(metrics)
-            timed_from = time.perf_counter()
-        else:
-            timed_steps += k
-        bar.update(k)
-        if len(pending) > 1:
-            bar.set_postfix(loss=f"{float(np.mean(pending[-2]['loss'])):.3f}", refresh=False)
-        stopping = stop_after is not None and stage.offset + t >= stop_after
-        if t % every == 0 or t == stage.steps or stopping:
-            flush()
-            checkpoint.save(directory, state, step=t)
-            write_json(history_path, history)
-    flush()
-    bar.close()
+                bar.set_postfix(loss=f"{float(np.mean(previous['loss'])):.3f}", refresh=False)
+            stopping = stop_after is not None and stage.offset + t >= stop_after
+            if t % every == 0 or t == stage.steps or stopping:
+                for metrics in jax.device_get(pending):
+                    _extend(history, metrics, stage.name, directory)
+                pending.clear()
+                saved = [[h[n] for n in _METRICS] for h in history]
+                saved = np.asarray(saved, np.float32).reshape(len(history), len(_METRICS))
+                checkpoint.save(directory, {"state": state, "history": saved}, step=t)
     jax.block_until_ready(state)
     rate = timed_steps / (time.perf_counter() - timed_from) if timed_steps else None
     return state, history, rate

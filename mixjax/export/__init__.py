@@ -2,7 +2,9 @@
 integer inference.
 
 * :mod:`~mixjax.export.artifact`: :func:`compress`, :func:`save`, :func:`load` and the
-  :class:`Artifact` container (zip or compact; checksummed, no pickle);
+  :class:`Artifact` container (zip or compact; checksummed, no pickle), read by
+  :mod:`~mixjax.export.reading`, which checks every declared size against the bytes present
+  before it allocates or inflates anything;
 * :mod:`~mixjax.export.records`, :mod:`~mixjax.export.codebook`, :mod:`~mixjax.export.kinds`:
   the record of each leaf (``"array"``, ``"int"``, ``"codebook"``, ``"sparse"``) and the table of
   kinds;

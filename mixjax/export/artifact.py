@@ -24,12 +24,14 @@ Two containers hold the same manifest (version 1), chosen by ``compress(..., con
 
 No pickle anywhere. Loading rejects, with an error naming the file: a truncated or corrupted
 file (zip CRC, checksums), a manifest or array whose checksum does not match, an unknown format,
-a newer version, and records that do not decode.
+a newer version, and records that do not decode. The checksums only catch accidents (anyone can
+recompute them), so the reader (:mod:`mixjax.export.reading`) trusts no declared size either:
+every size, count and shape is checked against the bytes present and against fixed limits
+before anything is allocated or inflated, and the manifest's structure before it is used.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -37,7 +39,6 @@ import io
 import json
 import os
 import struct
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -46,27 +47,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from mixjax import _checks, select
+from mixjax import _checks, _files, select
 from mixjax.core import ParamTransform
-from mixjax.export import kinds
+from mixjax.export import encoding, kinds, reading
+from mixjax.export.reading import FORMAT, MAGIC, VERSION
 from mixjax.export.records import Record
 
 __all__ = ["CONTAINERS", "FORMAT", "VERSION", "Artifact", "compress", "load", "save"]
 
-FORMAT = "mixjax.artifact"
-VERSION = 1
 CONTAINERS = ("zip", "compact")
-MAGIC = b"MJXA"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
-_DIGEST = 32
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+_sha256, _canonical = reading.sha256, reading.canonical
 
 
 def _nested(paths: list[str], values: list[Any]) -> dict[str, Any]:
@@ -95,6 +86,10 @@ class Artifact:
       metadata: JSON-able dict saved in the manifest under ``"metadata"`` (omitted when
         empty), e.g. the model name and preprocessing ``mixjax eval`` needs; add it with
         ``dataclasses.replace(artifact, metadata={...})``.
+      state_leaves: one record per leaf of the model's other variables (``batch_stats`` and
+        any other collection: :func:`compress`'s ``model_state``), saved under
+        ``"model_state"`` (omitted when empty); :meth:`model_state` rebuilds them.
+      state_treedef: the model state's structure when made by :func:`compress`.
     """
 
     leaves: tuple[Record, ...]
@@ -102,11 +97,14 @@ class Artifact:
     treedef: Any = None
     container: str = "zip"
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    state_leaves: tuple[Record, ...] = ()
+    state_treedef: Any = None
 
     def __repr__(self) -> str:
         kinds = [leaf["kind"] for leaf in self.leaves]
         counts = ", ".join(f"{k}={kinds.count(k)}" for k in sorted(set(kinds)))
-        return f"Artifact({len(self.leaves)} leaves: {counts}; {self.nbytes} bytes)"
+        state = f", {len(self.state_leaves)} model-state leaves" if self.state_leaves else ""
+        return f"Artifact({len(self.leaves)} leaves: {counts}{state}; {self.nbytes} bytes)"
 
     @property
     def paths(self) -> list[str]:
@@ -131,18 +129,31 @@ class Artifact:
         Raises:
           ValueError: ``like`` has different leaf paths.
         """
-        values = [kinds.decode(leaf, self.arrays) for leaf in self.leaves]
+        return self._tree("params", self.leaves, self.treedef, like)
+
+    def model_state(self, like: Any = None) -> Any:
+        """The model's other variables (e.g. ``{"batch_stats": ...}``), as stored; ``{}`` if the
+        artifact holds none. ``like`` as for :meth:`params`.
+
+        Raises:
+          ValueError: ``like`` has different leaf paths.
+        """
+        return self._tree("model_state", self.state_leaves, self.state_treedef, like)
+
+    def _tree(self, name: str, records: tuple[Record, ...], treedef: Any, like: Any) -> Any:
+        values = [kinds.decode(leaf, self.arrays) for leaf in records]
+        paths = [leaf["path"] for leaf in records]
         if like is not None:
-            paths = [p for p, _ in select.leaves_with_paths(like)]
-            if paths != self.paths:
+            found = [p for p, _ in select.leaves_with_paths(like)]
+            if found != paths:
                 raise ValueError(
-                    "mixjax.export.Artifact.params: like= has leaves "
-                    f"{paths[:10]}, the artifact has {self.paths[:10]}"
+                    f"mixjax.export.Artifact.{name}: like= has leaves {found[:10]}, the "
+                    f"artifact has {paths[:10]}"
                 )
             return jax.tree.unflatten(jax.tree.structure(like), values)
-        if self.treedef is not None:
-            return jax.tree.unflatten(self.treedef, values)
-        return _nested(self.paths, values)
+        if treedef is not None:
+            return jax.tree.unflatten(treedef, values)
+        return _nested(paths, values)
 
     def to_bytes(self) -> bytes:
         """The file contents :func:`save` writes."""
@@ -173,7 +184,11 @@ class Artifact:
         return out.getvalue()
 
     def _metadata_entry(self) -> dict[str, Any]:
-        return {"metadata": dict(self.metadata)} if self.metadata else {}
+        """The manifest's optional entries: metadata and model state, each only when present."""
+        entries: dict[str, Any] = {"metadata": dict(self.metadata)} if self.metadata else {}
+        if self.state_leaves:
+            entries["model_state"] = list(self.state_leaves)
+        return entries
 
     def _compact_bytes(self) -> bytes:
         names = sorted(self.arrays)
@@ -196,7 +211,12 @@ class Artifact:
 
 
 def compress(
-    params: Any, transform: ParamTransform, state: Any, *, container: str = "zip"
+    params: Any,
+    transform: ParamTransform,
+    state: Any,
+    *,
+    model_state: Any = None,
+    container: str = "zip",
 ) -> Artifact:
     """Encodes the view ``transform.apply(params, state)`` leaf by leaf.
 
@@ -211,10 +231,14 @@ def compress(
         variables dict, or an ``nnx.State``).
       transform: the transform (e.g. ``fake_quant(4)`` or a ``chain`` ending in it).
       state: its state.
+      model_state: the model's other variables, stored losslessly beside the parameters (e.g.
+        a linen ``{"batch_stats": ...}`` or an NNX ``nnx.State`` of batch statistics), so the
+        artifact runs the model alone; ``None``: none.
       container: the file layout, ``"zip"`` or ``"compact"`` (module docstring).
 
     Returns:
-      An :class:`Artifact` whose ``params()`` equals the view.
+      An :class:`Artifact` whose ``params()`` equals the view and ``model_state()`` the
+      model state.
 
     Raises:
       TypeError: ``transform`` is not a ParamTransform.
@@ -237,84 +261,35 @@ def compress(
     for (path, leaf), encoder in zip(select.leaves_with_paths(view), encoders, strict=True):
         record = kinds.encode_leaf(path, np.asarray(leaf), encoder, store)
         leaves.append({"path": path, **record})
-    return Artifact(tuple(leaves), arrays, jax.tree.structure(view), container)
-
-
-def _check_manifest(manifest: Any, fail) -> None:
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise fail(f"not a mixjax artifact (format {found!r})")
-    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
-        raise fail(f"format version {manifest.get('version')!r}; this mixjax reads {VERSION}")
-
-
-def _read_zip(blob: bytes, fail) -> tuple[dict, dict[str, np.ndarray]]:
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(blob))
-        manifest = json.loads(zf.read("manifest.json"))
-    except KeyError:
-        raise fail("not a mixjax artifact (no manifest.json)") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
-        raise fail(f"truncated or corrupted file ({err})") from None
-    _check_manifest(manifest, fail)
-    claimed = manifest.pop("sha256", None)
-    if claimed != _sha256(_canonical(manifest)):
-        raise fail("manifest checksum mismatch (the file is corrupted or was modified)")
-    arrays = {}
-    for name, digest in manifest["arrays"].items():
-        try:
-            data = zf.read(f"arrays/{name}.npy")
-        except KeyError:
-            raise fail(f"array {name!r} is missing") from None
-        except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-            raise fail(f"array {name!r} is corrupted ({err})") from None
-        if _sha256(data) != digest:
-            raise fail(f"array {name!r} checksum mismatch (corrupted or modified)")
-        try:
-            arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
-        except ValueError as err:
-            raise fail(f"array {name!r} is not a plain .npy array ({err})") from None
-    return manifest, arrays
-
-
-def _read_compact(blob: bytes, fail) -> tuple[dict, dict[str, np.ndarray]]:
-    body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
-    if len(blob) < len(MAGIC) + 4 + _DIGEST or hashlib.sha256(body).digest() != digest:
-        raise fail("checksum mismatch (the file is truncated, corrupted or was modified)")
-    (size,) = struct.unpack_from("<I", body, len(MAGIC))
-    start = len(MAGIC) + 4
-    try:
-        manifest = json.loads(zlib.decompress(body[start : start + size]))
-    except (zlib.error, ValueError) as err:
-        raise fail(f"corrupted manifest ({err})") from None
-    _check_manifest(manifest, fail)
-    offset, arrays = start + size, {}
-    for entry in manifest.get("arrays") or []:
-        try:
-            name, dtype, shape = entry
-            dtype = np.dtype(dtype)
-            count = int(np.prod(shape, dtype=np.int64))
-            if dtype.kind not in "biuf" or not all(isinstance(n, int) and n >= 0 for n in shape):
-                raise TypeError(f"dtype {dtype}, shape {shape}")
-        except (TypeError, ValueError) as err:
-            raise fail(f"bad array entry {entry!r} ({err})") from None
-        end = offset + count * dtype.itemsize
-        if end > len(body):
-            raise fail(f"array {name!r} runs past the end of the data")
-        arrays[name] = np.frombuffer(body, dtype, count, offset).reshape(shape).copy()
-        offset = end
-    if offset != len(body):
-        raise fail(f"{len(body) - offset} bytes follow the last array")
-    return manifest, arrays
+    model_state = {} if model_state is None else jax.device_get(model_state)
+    state_leaves = tuple(
+        {"path": path, **kinds.encode_leaf(path, np.asarray(leaf), None, store)}
+        for path, leaf in select.leaves_with_paths(model_state)
+    )
+    return Artifact(
+        tuple(leaves),
+        arrays,
+        jax.tree.structure(view),
+        container,
+        state_leaves=state_leaves,
+        state_treedef=jax.tree.structure(model_state),
+    )
 
 
 def load(path: str | os.PathLike) -> Artifact:
     """Reads an artifact written by :func:`save` (either container), verifying it.
 
+    No size the file declares is trusted (:mod:`mixjax.export.reading`): sizes, counts and
+    shapes are checked against the bytes present before anything is allocated or inflated, and
+    every record is decoded once to check it, one at a time. Memory stays a bounded multiple of
+    the file's size: the containers a few times it, a decoded leaf at most ``2**gap_bits``
+    entries per stored position code (:mod:`mixjax.export.codebook`).
+
     Raises:
       FileNotFoundError: no such file.
       ValueError: the file is truncated, corrupted, tampered with (checksums), of another format
-        or a newer version, or holds records that do not decode; the message names the file.
+        or a newer version, malformed (sizes, structure) or holds records that do not decode;
+        the message names the file.
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
@@ -323,22 +298,23 @@ def load(path: str | os.PathLike) -> Artifact:
     def fail(message):
         return ValueError(f"mixjax.export.load: {path!r}: {message}")
 
-    compact = blob.startswith(MAGIC)
-    manifest, arrays = (_read_compact if compact else _read_zip)(blob, fail)
-    metadata = manifest.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise fail(f"metadata must be a JSON object, got {type(metadata).__name__}")
+    container, manifest, arrays = reading.read(blob, fail)
     artifact = Artifact(
         tuple(manifest["leaves"]),
         arrays,
-        container="compact" if compact else "zip",
-        metadata=metadata,
+        container=container,
+        metadata=manifest.get("metadata", {}),
+        state_leaves=tuple(manifest.get("model_state", ())),
     )
-    for leaf in artifact.leaves:
+    for what, leaf in [
+        *(("leaf", leaf) for leaf in artifact.leaves),
+        *(("model-state leaf", leaf) for leaf in artifact.state_leaves),
+    ]:
         try:
             kinds.decode(leaf, arrays)
-        except (ValueError, TypeError) as err:
-            raise fail(f"leaf {leaf.get('path')!r}: {err}") from None
+        except (ValueError, TypeError, OverflowError) as err:
+            where = encoding.short_repr(leaf["path"], 200)
+            raise fail(f"{what} {where}: {err}") from None
     return artifact
 
 
@@ -357,17 +333,5 @@ def save(artifact: Artifact, path: str | os.PathLike) -> str:
     _checks.instance("mixjax.export.save", "artifact", artifact, Artifact, "an Artifact")
     path = os.fspath(path)
     data = artifact.to_bytes()
-    fd, tmp = tempfile.mkstemp(
-        dir=os.path.dirname(os.path.abspath(path)), prefix=".mixjax-", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    _files.write_atomic(path, lambda f: f.write(data))
     return path

@@ -27,6 +27,13 @@ is stored as the smaller of ``{"codec": "packed", "bits", "count", "data"}``
 (:func:`mixjax.export.bitpack.pack_bits`) and
 ``{"codec": "huffman", "shape", "dtype", "num_bits", "lengths", "stream"}``
 (:func:`mixjax.export.huffman.huffman_encode`, canonical code lengths + bitstream).
+
+Decoding trusts no declared size: a stream's ``count`` is backed by its bytes (packed streams
+exactly; Huffman streams by ``count <= num_bits <= 8 * bytes``), a bitmask has exactly one bit
+per entry, and relative positions bridge the trailing run of ``+0.0`` with fillers too, so the
+last entry lies within ``2**gap_bits`` of the end (:mod:`mixjax.export.positions`). A record
+thus decodes to at most a fixed multiple of its stored bits (``2**gap_bits`` entries per
+position code), and a hostile ``"shape"`` is refused before anything is allocated.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from mixjax.export import bitpack, records
+from mixjax.export import bitpack, encoding, records
 from mixjax.export.huffman import huffman_decode, huffman_encode
 from mixjax.export.positions import sparse_decode, sparse_encode
 from mixjax.export.records import ARRAY_OVERHEAD, LeafEncoder, Record, Store
@@ -81,14 +88,28 @@ def _stored(stream: tuple[dict[str, Any], dict], store: Store) -> dict[str, Any]
     return {**meta, **{key: store(array) for key, array in arrays.items()}}
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _decode_stream(stream: Any, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A stored stream's symbols, 1-D; its count is backed by its bytes (at least 1 bit each:
+    packed streams are exact, Huffman streams checked by :func:`huffman_decode`)."""
     if not isinstance(stream, dict):
-        raise ValueError(f"bad index stream {stream!r}")
+        raise ValueError(f"bad index stream {encoding.short_repr(stream)}")
     codec = stream.get("codec")
     if codec == "packed":
         bits, count = stream.get("bits"), stream.get("count")
-        if not isinstance(bits, int) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"bad packed stream bits={bits!r} count={count!r}")
+        if (
+            not _is_int(bits)
+            or not 1 <= bits <= bitpack.MAX_BITS
+            or not _is_int(count)
+            or count < 0
+        ):
+            raise ValueError(
+                f"bad packed stream bits={encoding.short_repr(bits)} "
+                f"count={encoding.short_repr(count)}"
+            )
         return bitpack.unpack_bits(records.field(stream, "data", arrays), bits, count)
     if codec == "huffman":
         fields = {k: records.field(stream, k, arrays) for k in ("lengths", "stream")}
@@ -117,11 +138,11 @@ def _expand(
 ) -> np.ndarray:
     """Inverse of :func:`_sparse` (with stored streams): the ``size`` values, 1-D."""
     if not isinstance(sparse, dict):
-        raise ValueError(f"bad sparse field {sparse!r}")
+        raise ValueError(f"bad sparse field {encoding.short_repr(sparse)}")
     positions = _decode_stream(sparse.get("positions"), arrays)
     gap_bits = 1 if sparse.get("codec") == "bitmask" else sparse.get("gap_bits")
-    if not isinstance(gap_bits, int) or not 1 <= gap_bits <= 8:
-        raise ValueError(f"bad gap_bits={gap_bits!r}")
+    if not _is_int(gap_bits) or not 1 <= gap_bits <= 8:
+        raise ValueError(f"bad gap_bits={encoding.short_repr(gap_bits)}")
     key = "mask" if sparse.get("codec") == "bitmask" else "gaps"
     meta = {**sparse, "shape": [size]}
     return sparse_decode(meta, {key: bitpack.pack_bits(positions, gap_bits), "values": entries})
@@ -162,7 +183,7 @@ def decode_sparse(record: Record, arrays: Mapping[str, np.ndarray]) -> np.ndarra
     if entries.ndim != 1 or entries.dtype != dtype:
         raise ValueError(f"the stored entries must be 1-D {dtype}, got {entries.dtype}")
     pattern = entries.view(np.dtype(f"u{dtype.itemsize}"))
-    size = int(np.prod(shape, dtype=np.int64))
+    size = encoding.shape_size(shape)
     return _expand(record.get("sparse"), pattern, size, arrays).view(dtype).reshape(shape)
 
 
@@ -261,13 +282,18 @@ def encode_codebook(
 def decode_codebook(record: Record, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """The leaf of a ``"codebook"`` record (validated)."""
     shape, dtype = records.shape_dtype(record)
-    size = int(np.prod(shape, dtype=np.int64))
-    clusters = record.get("clusters")
-    if not isinstance(clusters, int) or not 1 <= clusters <= MAX_CLUSTERS:
-        raise ValueError(f"bad clusters={clusters!r}")
+    size = encoding.shape_size(shape)
+    clusters, bits = record.get("clusters"), record.get("bits")
+    if not _is_int(clusters) or not 1 <= clusters <= MAX_CLUSTERS:
+        raise ValueError(f"bad clusters={encoding.short_repr(clusters)}")
     values = records.decode_plain(record.get("values"), arrays)
     if values.shape != (clusters,):
         raise ValueError(f"the codebook values must have shape ({clusters},)")
+    index_bits = max(1, (clusters - 1).bit_length())
+    if not _is_int(bits) or bits != index_bits:
+        raise ValueError(
+            f"bad bits={encoding.short_repr(bits)} for {clusters} clusters ({index_bits} expected)"
+        )
     indices = _decode_stream(record.get("indices"), arrays)
     if record.get("sparse") is not None:
         indices = _expand(record["sparse"], indices, size, arrays)

@@ -140,22 +140,32 @@ def huffman_encode(symbols: np.ndarray, *, num_symbols: int | None = None) -> En
 def huffman_decode(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.ndarray:
     """Inverse of :func:`huffman_encode`.
 
+    Sizes are checked before anything is allocated: the symbols must be at most ``num_bits``
+    (each code takes at least one bit) and the bitstream exactly ``ceil(num_bits / 8)`` bytes,
+    so what decodes is at most 8 symbols per stored byte.
+
     Raises:
-      ValueError: missing or malformed fields, code lengths that are not a prefix code, a
-        bitstream of the wrong size, a bit pattern that is no code, or a stream that does not
-        end exactly after the last symbol.
+      ValueError: missing or malformed fields, more symbols than bits, code lengths that are
+        not a prefix code, a bitstream of the wrong size, a bit pattern that is no code, or a
+        stream that does not end exactly after the last symbol.
     """
     name = "mixjax.export.huffman.huffman_decode"
     encoding.check_codec(name, meta, "huffman")
     shape = encoding.meta_shape(name, meta)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = encoding.shape_size(shape)
     num_bits = encoding.meta_int(name, meta, "num_bits")
+    # Every code is at least 1 bit: more symbols than bits cannot decode (and must not be
+    # allocated); the bitstream's bytes then bound num_bits (unpack_bits checks them).
+    if count > num_bits:
+        raise encoding.corrupt(name, f"{count} symbols cannot fit in {num_bits} bits")
     try:
-        dtype = np.dtype(meta.get("dtype"))
-    except TypeError:
+        dtype = np.dtype(meta.get("dtype")) if isinstance(meta.get("dtype"), str) else None
+    except (TypeError, ValueError, SyntaxError):
         dtype = None
     if dtype is None or not np.issubdtype(dtype, np.integer):
-        raise encoding.corrupt(name, f"meta['dtype']={meta.get('dtype')!r} is not an integer dtype")
+        raise encoding.corrupt(
+            name, f"meta['dtype']={encoding.short_repr(meta.get('dtype'))} is not an integer dtype"
+        )
     lengths = encoding.array_field(name, arrays, "lengths", np.uint8)
     if not 1 <= lengths.size <= MAX_SYMBOLS or lengths.max() > MAX_CODE_LENGTH:
         raise encoding.corrupt(

@@ -118,10 +118,12 @@ def _integer_kernel(
     ``(q - zero_point) * scale`` on the values' grid, so it is re-encoded on that grid
     (:func:`mixjax.export.records.int_encoder` verifies exactness).
     """
-    if record["kind"] == "int":
+    if record.get("kind") == "int":
         return records.decode_int(record, arrays), record["bits"]
     values = record.get("values")
-    if record["kind"] != "codebook" or not isinstance(values, dict) or values["kind"] != "int":
+    if record.get("kind") != "codebook" or not isinstance(values, dict):
+        return None
+    if values.get("kind") != "int":
         return None
     grid = records.decode_int(values, arrays)
     own: dict[str, np.ndarray] = {}
@@ -136,6 +138,20 @@ def _integer_kernel(
         record["path"], kernel, store
     )
     return records.decode_int(encoded, own), encoded["bits"]
+
+
+def _check_layer(path: str, kernel: np.ndarray, scale: np.ndarray) -> None:
+    """A kernel the integer path can run: ``(..., in, out)``, not empty, and a scale per
+    tensor or per output channel (the last axis)."""
+    where = f"{_PREPARE}: kernel {path + '/kernel'!r}"
+    if kernel.ndim < 2 or kernel.size == 0:
+        raise ValueError(f"{where} has shape {kernel.shape}; a Dense/Conv kernel is (..., in, out)")
+    per_channel = scale.ndim and scale.size == scale.shape[-1] == kernel.shape[-1]
+    if scale.size != 1 and not per_channel:
+        raise ValueError(
+            f"{where}: its scale {scale.shape} is neither per tensor nor per output channel "
+            f"(the last axis of {kernel.shape})"
+        )
 
 
 def integer_model(
@@ -153,7 +169,9 @@ def integer_model(
 
     Raises:
       ValueError: activation bits above 8; a layer never observed (run calibration first); a
-        quantized kernel with a zero point or more than 8 bits.
+        quantized kernel with a zero point or more than 8 bits, with fewer than 2 axes, with a
+        scale that is not per tensor or per output channel, or a bias of another shape than
+        ``(out,)``; each names the leaf.
     """
     name = _PREPARE
     if act.grid.bits > 8:
@@ -190,6 +208,7 @@ def integer_model(
                 f"zero_point={'nonzero' if np.any(t.zero_point) else 0}"
             )
         kernel = t.q.astype(np.int8)
+        _check_layer(path, kernel, t.scale)
         colsum = kernel.reshape(-1, kernel.shape[-1]).astype(np.int32).sum(axis=0)
         bias = records.get(f"{path}/bias")
         bias = (
@@ -197,6 +216,11 @@ def integer_model(
             if bias is None
             else kinds.decode(bias, artifact.arrays).astype(np.float32)
         )
+        if bias.shape != (kernel.shape[-1],):
+            raise ValueError(
+                f"{name}: bias {path + '/bias'!r} has shape {bias.shape}, the kernel "
+                f"{kernel.shape} needs ({kernel.shape[-1]},)"
+            )
         layers[path] = IntLayer(
             inputs,
             jnp.asarray(kernel),

@@ -5,6 +5,13 @@ Compression's (Han et al. 2016): each entry stores its distance to the previous 
 ``gap_bits`` bits, and a longer jump is bridged by *filler* entries whose value is ``zero``;
 :func:`sparse_encode` keeps whichever is smaller. Host NumPy; returns and reads an
 :class:`~mixjax.export.encoding.Encoding`.
+
+The end of the array counts as one more (unstored) entry: a trailing run of ``zero`` longer
+than ``2**gap_bits`` is bridged by fillers too, so the last entry (position ``-1`` when there is
+none) lies within ``2**gap_bits`` of the end. :func:`sparse_decode` enforces that rule, so an
+array of ``size`` entries needs ``num_entries >= size / 2**gap_bits - 1``: what decodes is a
+bounded multiple of the bits stored, and a hostile ``"shape"`` is refused before any allocation
+(a bitmask needs exactly one bit per entry).
 """
 
 from __future__ import annotations
@@ -60,7 +67,9 @@ def relative_encode(values: np.ndarray, *, gap_bits: int = 4, zero: Any = 0) -> 
 
     Entry ``j`` at flat position ``p_j`` stores code ``p_j - p_{j-1} - 1`` (``p_{-1} = -1``),
     so a code covers a distance of 1 to ``2**gap_bits``. A longer distance is bridged by filler
-    entries, each ``2**gap_bits`` past the previous entry, holding ``zero``.
+    entries, each ``2**gap_bits`` past the previous entry, holding ``zero``; so is the distance
+    from the last entry to the end (position ``size``, not stored), so that
+    ``size - p_last <= 2**gap_bits``.
 
     Returns:
       ``meta = {"codec": "relative", "shape", "zero", "gap_bits", "num_entries"}``; ``arrays =
@@ -74,14 +83,16 @@ def relative_encode(values: np.ndarray, *, gap_bits: int = 4, zero: Any = 0) -> 
     flat = _flat_values(name, values)
     zero_value = np.asarray(zero, flat.dtype)
     positions = np.flatnonzero(flat != zero_value)
-    distance = np.diff(positions, prepend=-1)
+    # The end, at position `size`, is bridged like one more entry, but only its fillers are kept.
+    distance = np.diff(np.append(positions, flat.size), prepend=-1)
     reach = 1 << gap_bits
     fillers = (distance - 1) // reach
     per_entry = fillers + 1
+    per_entry[-1] -= 1
     total = int(per_entry.sum())
-    last = np.cumsum(per_entry) - 1
+    last = (np.cumsum(per_entry) - 1)[:-1]
     gaps = np.full(total, reach - 1, np.uint8)
-    gaps[last] = distance - 1 - fillers * reach
+    gaps[last] = distance[:-1] - 1 - fillers[:-1] * reach
     entries = np.full(total, zero_value, flat.dtype)
     entries[last] = flat[positions]
     meta = {
@@ -133,23 +144,33 @@ def sparse_encode(
 def sparse_decode(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.ndarray:
     """Inverse of :func:`bitmask_encode`, :func:`relative_encode` and :func:`sparse_encode`.
 
+    Every size is checked against the stored bytes before the array is allocated: a bitmask of
+    exactly ``size`` bits; for relative positions, ``num_entries`` packed codes and
+    ``size <= (num_entries + 1) * 2**gap_bits``, then the exact rule of the module docstring
+    (the last entry within ``2**gap_bits`` of the end).
+
     Raises:
-      ValueError: unknown codec, missing or malformed fields, sizes that do not match, or a
-        position past the end of the array.
+      ValueError: unknown codec, missing or malformed fields, sizes that do not match, a
+        position past the end of the array, or a trailing run that no filler bridges.
     """
     name = "mixjax.export.positions.sparse_decode"
     codec = meta.get("codec") if hasattr(meta, "get") else None
     if codec not in ("bitmask", "relative"):
         raise encoding.corrupt(name, f"meta['codec']={codec!r}, expected 'bitmask' or 'relative'")
     shape = encoding.meta_shape(name, meta)
-    size = int(np.prod(shape, dtype=np.int64))
+    size = encoding.shape_size(shape)
     entries = encoding.array_field(name, arrays, "values", None)
     if not (np.issubdtype(entries.dtype, np.number) or entries.dtype == bool):
         raise encoding.corrupt(name, f"values have dtype {entries.dtype}")
     zero = meta.get("zero")
-    if isinstance(zero, (list, dict, str)) or zero is None:
-        raise encoding.corrupt(name, f"meta['zero']={zero!r} is not a number")
-    dense = np.full(size, zero, entries.dtype)
+    try:
+        if isinstance(zero, (list, dict, str)) or zero is None:
+            raise TypeError
+        zero = np.asarray(zero, entries.dtype)
+    except (TypeError, ValueError, OverflowError):
+        raise encoding.corrupt(
+            name, f"meta['zero']={encoding.short_repr(zero)} is not a number of the values' dtype"
+        ) from None
     if codec == "bitmask":
         mask = encoding.array_field(name, arrays, "mask", np.uint8)
         try:
@@ -161,6 +182,7 @@ def sparse_decode(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.nda
             raise encoding.corrupt(
                 name, f"mask marks {int(keep.sum())} entries, {entries.size} stored"
             )
+        dense = np.full(size, zero, entries.dtype)
         dense[keep] = entries
         return dense.reshape(shape)
     gap_bits = encoding.meta_int(name, meta, "gap_bits", low=1)
@@ -169,13 +191,26 @@ def sparse_decode(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.nda
         raise encoding.corrupt(
             name, f"gap_bits={gap_bits}, {entries.size} values for {count} entries"
         )
+    reach = 1 << gap_bits
+    if size > (count + 1) * reach:
+        raise encoding.corrupt(
+            name, f"{count} entries of {gap_bits}-bit gaps cannot reach the {size} entries"
+        )
     packed = encoding.array_field(name, arrays, "gaps", np.uint8)
     try:
         gaps = bitpack.unpack_bits(packed, gap_bits, count)
     except ValueError as err:
         raise encoding.corrupt(name, f"gaps: {err}") from None
     positions = np.cumsum(gaps.astype(np.int64) + 1) - 1
-    if count and positions[-1] >= size:
-        raise encoding.corrupt(name, f"entry at position {positions[-1]} past the {size} entries")
+    last = int(positions[-1]) if count else -1
+    if last >= size:
+        raise encoding.corrupt(name, f"entry at position {last} past the {size} entries")
+    if size - last > reach:
+        raise encoding.corrupt(
+            name,
+            f"the last entry, at position {last}, is {size - last} from the end ({size}); "
+            f"fillers must bridge runs longer than {reach}",
+        )
+    dense = np.full(size, zero, entries.dtype)
     dense[positions] = entries
     return dense.reshape(shape)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixjax import select
-from mixjax.export import bitpack
+from mixjax.export import bitpack, encoding
 from mixjax.quant.grids import TINY
 
 __all__ = [
@@ -74,21 +74,39 @@ class IntTensor(NamedTuple):
 def field(record: Record, key: str, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """The array that field ``key`` of ``record`` names; ``ValueError`` if there is none."""
     name = record.get(key)
-    if name not in arrays:
-        raise ValueError(f"field {key!r} names array {name!r}, which the artifact does not hold")
+    if not isinstance(name, str) or name not in arrays:
+        raise ValueError(
+            f"field {key!r} names array {encoding.short_repr(name)}, which the artifact does not "
+            "hold"
+        )
     return arrays[name]
 
 
 def shape_dtype(record: Record) -> tuple[tuple[int, ...], np.dtype]:
-    """The validated ``"shape"`` and ``"dtype"`` of a record."""
+    """The validated ``"shape"`` (:func:`mixjax.export.encoding.shape_size`: at most 2**40
+    elements) and ``"dtype"`` (a numeric or bool dtype name, e.g. ``"bfloat16"``) of a record."""
     shape = record.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
-        raise ValueError(f"bad shape {shape!r}")
     try:
-        dtype = jnp.dtype(record.get("dtype"))
-    except TypeError as err:
-        raise ValueError(f"bad dtype {record.get('dtype')!r}") from err
+        encoding.shape_size(shape)
+    except ValueError as err:
+        raise ValueError(f"bad shape {encoding.short_repr(shape)} ({err})") from None
+    name = record.get("dtype")
+    try:
+        dtype = jnp.dtype(name) if isinstance(name, str) else None
+    except (TypeError, ValueError, SyntaxError):  # NumPy parses "(2,f4" as Python
+        dtype = None
+    if dtype is None or not _numeric(dtype):
+        raise ValueError(f"bad dtype {encoding.short_repr(name)}")
     return tuple(shape), dtype
+
+
+def _numeric(dtype: np.dtype) -> bool:
+    """Bool, integer, float or complex, including the ML dtypes (bfloat16, ...): kind "V" with
+    no fields; not object, string, datetime, structured or subarray dtypes."""
+    if dtype.kind in "biufc":
+        return True
+    plain = dtype.kind == "V" and dtype.fields is None and dtype.subdtype is None
+    return plain and jnp.issubdtype(dtype, jnp.number)
 
 
 def decode_int(record: Record, arrays: Mapping[str, np.ndarray]) -> IntTensor:
@@ -97,7 +115,7 @@ def decode_int(record: Record, arrays: Mapping[str, np.ndarray]) -> IntTensor:
     width, signed = record.get("bits"), record.get("signed")
     if not isinstance(width, int) or not 1 <= width <= 16 or not isinstance(signed, bool):
         raise ValueError(f"bad bits={width!r} / signed={signed!r}")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = encoding.shape_size(shape)
     codes = field(record, "codes", arrays)
     if width <= 8:
         codes = bitpack.unpack_bits(codes, width, count)

@@ -64,6 +64,15 @@ def _uses_huffman(node: Any) -> bool:
     return False
 
 
+def _bits(record: records.Record, leaf: np.ndarray, arrays: Any) -> int:
+    """Bits per stored code, from the fields the record's decoder checked."""
+    if record["kind"] in ("int", "codebook"):
+        return int(record["bits"])
+    if record["kind"] == "array":
+        return 8 * records.field(record, "data", arrays).dtype.itemsize
+    return 8 * leaf.dtype.itemsize
+
+
 def table(artifact: Artifact) -> Table:
     """Per-leaf sizes of an :class:`~mixjax.export.Artifact` (any record kinds).
 
@@ -71,24 +80,21 @@ def table(artifact: Artifact) -> Table:
       A :class:`Table`: per leaf its shape, kind, sparsity, clusters, bits, bytes before
       (float32) and after (its arrays), ratio; then the totals of the weights alone and of the
       whole file (with container overhead: manifest, headers, checksums).
+
+    Raises:
+      ValueError: a record that does not decode (never for an artifact :func:`load` read).
     """
     rows = []
     for record in artifact.leaves:
-        leaf = kinds.decode(record, artifact.arrays)
-        if "bits" in record:
-            bits = record["bits"]
-        elif "data" in record:
-            bits = 8 * artifact.arrays[record["data"]].dtype.itemsize
-        else:
-            bits = 8 * leaf.dtype.itemsize
+        leaf = kinds.decode(record, artifact.arrays)  # validates every field read below
         rows.append(
             LeafRow(
                 record["path"],
                 tuple(leaf.shape),
                 record["kind"],
                 float(np.mean(leaf == 0)) if leaf.size else 0.0,
-                record.get("clusters"),
-                int(bits),
+                record["clusters"] if record["kind"] == "codebook" else None,
+                _bits(record, leaf, artifact.arrays),
                 _uses_huffman(record),
                 4 * leaf.size,
                 records.record_nbytes(record, artifact.arrays),

@@ -12,7 +12,9 @@ decided by the model it was built with, known before anything is traced:
 
 :func:`check_train_step` checks that (and that the step is a ``TrainStep``), :func:`replica_body`
 gives each replica its own randomness and averages the metrics, and :func:`signature` keys the
-compiled steps a wrapper caches per state structure.
+compiled steps a wrapper caches per state structure. The replica axis is ``"data"`` unless the
+model's collectives use another name (a BatchNorm's ``axis_name``): the synchronous wrappers
+take ``axis_name=`` (:func:`check_axis_name`), and ``replica_apply`` must average over it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from mixjax.train.step import TrainStep
 
 __all__ = [
     "ReplicaApply",
+    "check_axis_name",
     "check_mesh",
     "check_train_step",
     "mean_floats",
@@ -102,13 +105,17 @@ def replica_apply(apply_fn: ApplyFn, axis_name: str = DATA) -> ReplicaApply:
 
     The parameter view's gradient is averaged over ``axis_name`` (``lax.pmean`` in the backward
     pass) and the updated model state (batch statistics) is averaged too, so every replica's
-    update equals the single-device update on the global batch. Build the step with it::
+    update equals the single-device update on the global batch, for a model whose forward pass
+    is per example. A BatchNorm normalizes with its replica's statistics unless it has an
+    ``axis_name``: give it one, and this and the wrapper the same, to normalize with the global
+    batch's (synchronized BatchNorm). Build the step with it::
 
         step = train.make_train_step(parallel.replica_apply(apply_fn), tx, transform=t)
 
     Args:
       apply_fn: a :class:`mixjax.train.ApplyFn`.
-      axis_name: the replica axis (``"data"``).
+      axis_name: the replica axis: ``"data"``, or the name the model's own collectives use
+        (a BatchNorm's ``axis_name``), passed as ``axis_name=`` to the wrapper too.
 
     Raises:
       TypeError: ``apply_fn`` not callable or ``axis_name`` not a str.
@@ -133,14 +140,38 @@ def check_mesh(fn_name: str, mesh: Any) -> Mesh:
     return mesh
 
 
-def check_train_step(fn_name: str, step: Any, *, local_grads: bool) -> TrainStep:
+def check_axis_name(fn_name: str, axis_name: Any, mesh: Mesh | None = None) -> str:
+    """``axis_name``, checked to be a non-empty str that, on ``mesh``, can name its data axis.
+
+    Raises:
+      TypeError: ``axis_name`` not a non-empty str.
+      ValueError: ``axis_name`` names another axis of ``mesh`` (e.g. ``"model"``).
+    """
+    if not isinstance(axis_name, str) or not axis_name:
+        raise TypeError(
+            f"{fn_name}: axis_name must be a non-empty str (the axis name the model's "
+            f"collectives use, e.g. a BatchNorm's axis_name), got axis_name={axis_name!r}"
+        )
+    if mesh is not None and axis_name != DATA and axis_name in mesh.shape:
+        raise ValueError(
+            f"{fn_name}: axis_name={axis_name!r} is another axis of the mesh (axes "
+            f"{tuple(mesh.axis_names)}); it names the {DATA!r} axis the batch is split over"
+        )
+    return axis_name
+
+
+def check_train_step(
+    fn_name: str, step: Any, *, local_grads: bool, axis_name: str = DATA
+) -> TrainStep:
     """``step``, checked to be a :class:`mixjax.train.TrainStep` whose model fits the wrapper.
 
     Args:
       fn_name: the wrapper's name, for the messages.
       step: what the user passed.
       local_grads: ``False`` for synchronous replicas: the model must be a
-        :func:`replica_apply` over ``"data"``; ``True`` for asynchronous ones: it must not be.
+        :func:`replica_apply` over ``axis_name``; ``True`` for asynchronous ones: it must not
+        be.
+      axis_name: the replica axis's name (the data axis, ``"data"``, or the model's own name).
 
     Raises:
       TypeError: ``step`` is not a ``TrainStep``.
@@ -150,7 +181,7 @@ def check_train_step(fn_name: str, step: Any, *, local_grads: bool) -> TrainStep
         fn_name, "step", step, TrainStep, "a mixjax.train.TrainStep (from make_train_step)"
     )
     model = step.apply_fn
-    averages = isinstance(model, ReplicaApply) and model.axis_name == DATA
+    averages = isinstance(model, ReplicaApply) and model.axis_name == axis_name
     if local_grads and isinstance(model, ReplicaApply):
         raise ValueError(
             f"{fn_name}: the model averages gradients over the {model.axis_name!r} axis (it is "
@@ -163,10 +194,11 @@ def check_train_step(fn_name: str, step: Any, *, local_grads: bool) -> TrainStep
             if isinstance(model, ReplicaApply)
             else f"a plain {type(model).__name__}"
         )
+        args = "apply_fn" if axis_name == DATA else f"apply_fn, {axis_name!r}"
         raise ValueError(
-            f"{fn_name}: the step's model must average gradients over the {DATA!r} axis, or "
-            f"replicas would diverge; got {found}: build the step with "
-            f"make_train_step(mixjax.parallel.replica_apply(apply_fn), ...)"
+            f"{fn_name}: the step's model must average gradients over the {axis_name!r} axis, "
+            f"or replicas would diverge; got {found}: build the step with "
+            f"make_train_step(mixjax.parallel.replica_apply({args}), ...)"
         )
     return step
 
@@ -183,11 +215,11 @@ def signature(state: Any) -> tuple:
     return treedef, tuple((np.shape(x), getattr(x, "dtype", None)) for x in leaves)
 
 
-def replica_body(pure: Callable, *, local_grads: bool = False) -> Callable:
+def replica_body(pure: Callable, *, local_grads: bool = False, axis_name: str = DATA) -> Callable:
     """The per-replica step: own randomness, averaged metrics.
 
     The returned ``body(state, batch) -> (state, metrics)`` runs ``pure`` on one replica of the
-    ``"data"`` axis (inside ``jax.shard_map`` or ``jax.pmap``): ``state.rng`` is replaced by
+    ``axis_name`` axis (inside ``jax.shard_map`` or ``jax.pmap``): ``state.rng`` is replaced by
     ``fold_in(state.rng, replica)`` for the step and restored afterwards, and the metrics are
     averaged over the replicas.
 
@@ -196,17 +228,20 @@ def replica_body(pure: Callable, *, local_grads: bool = False) -> Callable:
         replica's ``B / R`` examples (``(K, B / R, ...)`` when ``steps_per_call > 1``).
       local_grads: the replicas keep their own gradients (asynchronous replicas); the floating
         model state (batch statistics) is then averaged here (:func:`mean_floats`).
+      axis_name: the replica axis (``"data"``, or the name the model's collectives use).
 
     Returns:
-      ``body(state, batch) -> (state, metrics)`` to map over ``"data"``.
+      ``body(state, batch) -> (state, metrics)`` to map over ``axis_name``.
     """
 
     def body(state, batch):
         rng = state.rng
-        local = state._replace(rng=jax.random.fold_in(rng, lax.axis_index(DATA)))
+        local = state._replace(rng=jax.random.fold_in(rng, lax.axis_index(axis_name)))
         new_state, metrics = pure(local, batch)
         if local_grads and new_state.model_state is not None:
-            new_state = new_state._replace(model_state=mean_floats(new_state.model_state, DATA))
-        return new_state._replace(rng=rng), lax.pmean(metrics, DATA)
+            new_state = new_state._replace(
+                model_state=mean_floats(new_state.model_state, axis_name)
+            )
+        return new_state._replace(rng=rng), lax.pmean(metrics, axis_name)
 
     return body

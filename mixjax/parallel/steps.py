@@ -25,6 +25,15 @@ Under ``shard_map``/``pmap`` each replica draws its randomness from ``fold_in(rn
 dropout the numbers differ from a single device; without randomness all three wrappers equal the
 single-device step. Metrics are averaged over the replicas.
 
+Every wrapper takes ``axis_name=``, the name the model's own collectives use (a BatchNorm's
+``axis_name``; default ``"data"``, the mesh's data axis), and binds it: under ``shard_map`` and
+``pmap`` it names the replica axis (the mesh's ``"data"`` axis, renamed for the step), so a
+cross-replica BatchNorm normalizes with the statistics of the global batch; under
+:func:`data_parallel` XLA computes on the global batch already, and the name is bound to an axis
+of size 1 (``jax.vmap``), over which the model's ``pmean`` is the identity. Either way the step
+equals the single-device step on the global batch with the BatchNorm's statistics over all of
+it (the same model without ``axis_name``).
+
 Meshes and shardings live in :mod:`mixjax.parallel.mesh`, multi-process runs in
 :mod:`mixjax.parallel.distributed`.
 
@@ -58,13 +67,26 @@ from mixjax.parallel.mesh import (
     shard_batch,
     state_shardings,
 )
-from mixjax.parallel.per_replica import check_mesh, check_train_step, replica_body, signature
+from mixjax.parallel.per_replica import (
+    check_axis_name,
+    check_mesh,
+    check_train_step,
+    replica_body,
+    signature,
+)
 from mixjax.train.step import Step, TrainStep
 
 __all__ = ["data_parallel", "pmap_step", "replicate", "shard_map_step", "unreplicate"]
 
 
-def data_parallel(step: TrainStep, mesh: Mesh, *, rules: Rules = ()) -> Step:
+def _bound(pure: Callable, axis_name: str) -> Callable:
+    """``pure`` with ``axis_name`` bound to an axis of size 1: the model's collectives over it
+    (a BatchNorm's ``pmean``) are the identity, as the computation already sees every example."""
+    mapped = jax.vmap(pure, in_axes=None, out_axes=0, axis_size=1, axis_name=axis_name)
+    return lambda state, batch: jax.tree.map(lambda x: x[0], mapped(state, batch))
+
+
+def data_parallel(step: TrainStep, mesh: Mesh, *, rules: Rules = (), axis_name: str = DATA) -> Step:
     """The step re-jitted with the batch on ``"data"`` and the state laid out by ``rules``.
 
     Args:
@@ -74,6 +96,9 @@ def data_parallel(step: TrainStep, mesh: Mesh, *, rules: Rules = ()) -> Step:
         :func:`mixjax.parallel.make_mesh`.
       rules: model-parallel ``(regex, PartitionSpec)`` rules
         (:func:`mixjax.parallel.param_specs`); none replicates the state.
+      axis_name: the axis name the model's collectives use (a BatchNorm's ``axis_name``),
+        bound to an axis of size 1 (``jax.vmap``): XLA partitions the global computation, so a
+        BatchNorm's statistics are the global batch's and its ``pmean`` is the identity.
 
     Returns:
       ``step(state, batch) -> (state, metrics)``: ``batch`` holds this process's numpy (or
@@ -82,7 +107,7 @@ def data_parallel(step: TrainStep, mesh: Mesh, *, rules: Rules = ()) -> Step:
       previous call); the new state keeps those shardings, the metrics are replicated.
 
     Raises:
-      TypeError / ValueError (here): not a ``TrainStep``, a bad mesh or rule.
+      TypeError / ValueError (here): not a ``TrainStep``, a bad mesh, rule or ``axis_name``.
       ValueError (each call, before compiling): the global batch not divisible by the data
         axis; a rule spec that does not divide its parameter.
     """
@@ -90,9 +115,10 @@ def data_parallel(step: TrainStep, mesh: Mesh, *, rules: Rules = ()) -> Step:
     _checks.instance(
         fn_name, "step", step, TrainStep, "a mixjax.train.TrainStep (from make_train_step)"
     )
-    pure, steps_per_call, donate = step.pure, step.steps_per_call, step.donate
+    steps_per_call, donate = step.steps_per_call, step.donate
     mesh = check_mesh(fn_name, mesh)
     check_rules(fn_name, rules, mesh)
+    pure = _bound(step.pure, check_axis_name(fn_name, axis_name))
     replicated = NamedSharding(mesh, PartitionSpec())
     compiled: dict[tuple, tuple[Any, Callable]] = {}
 
@@ -114,18 +140,33 @@ def data_parallel(step: TrainStep, mesh: Mesh, *, rules: Rules = ()) -> Step:
     return wrapped
 
 
-def shard_map_step(step: TrainStep, mesh: Mesh) -> Step:
+def _renamed(mesh: Mesh, axis_name: str) -> Mesh:
+    """``mesh`` with its ``"data"`` axis called ``axis_name`` (same devices, same layout)."""
+    if axis_name == DATA:
+        return mesh
+    names = tuple(axis_name if n == DATA else n for n in mesh.axis_names)
+    return Mesh(mesh.devices, names, axis_types=mesh.axis_types)
+
+
+def _spec(steps_per_call: int, axis_name: str) -> PartitionSpec:
+    return PartitionSpec(axis_name) if steps_per_call == 1 else PartitionSpec(None, axis_name)
+
+
+def shard_map_step(step: TrainStep, mesh: Mesh, *, axis_name: str = DATA) -> Step:
     """The step as explicit per-replica SPMD code: ``jax.shard_map`` over ``"data"``.
 
     Each replica runs the step on its ``B / data`` examples with the whole (replicated) state;
-    the step's model must be :func:`mixjax.parallel.replica_apply`-wrapped so gradients are
-    averaged.
+    the step's model must be :func:`mixjax.parallel.replica_apply`-wrapped (over
+    ``axis_name``) so gradients are averaged.
 
     Args:
       step: a :class:`mixjax.train.TrainStep` built with a
         :func:`mixjax.parallel.replica_apply` model (its ``steps_per_call`` and ``donate``
         apply).
       mesh: a mesh with a ``"data"`` axis; other axes replicate the work.
+      axis_name: the name the replica axis (the mesh's ``"data"`` axis) has inside the step,
+        the one the model's collectives use (a BatchNorm's ``axis_name``, so its statistics
+        are the global batch's); ``replica_apply`` must average over it.
 
     Returns:
       ``step(state, batch) -> (state, metrics)`` with ``batch`` as in :func:`data_parallel`
@@ -133,17 +174,19 @@ def shard_map_step(step: TrainStep, mesh: Mesh) -> Step:
 
     Raises:
       TypeError / ValueError (here): not a ``TrainStep``, a bad mesh, a model that is not
-        ``replica_apply``-wrapped.
+        ``replica_apply``-wrapped over ``axis_name``, an ``axis_name`` that is not a str or
+        that names another mesh axis.
       ValueError (each call, before compiling): a global batch not divisible by the data axis.
     """
     fn_name = "mixjax.parallel.shard_map_step"
-    step = check_train_step(fn_name, step, local_grads=False)
-    steps_per_call, donate = step.steps_per_call, step.donate
     mesh = check_mesh(fn_name, mesh)
+    axis_name = check_axis_name(fn_name, axis_name, mesh)
+    step = check_train_step(fn_name, step, local_grads=False, axis_name=axis_name)
+    steps_per_call, donate = step.steps_per_call, step.donate
     mapped = jax.shard_map(
-        replica_body(step.pure),
-        mesh=mesh,
-        in_specs=(PartitionSpec(), batch_spec(steps_per_call)),
+        replica_body(step.pure, axis_name=axis_name),
+        mesh=_renamed(mesh, axis_name),
+        in_specs=(PartitionSpec(), _spec(steps_per_call, axis_name)),
         out_specs=(PartitionSpec(), PartitionSpec()),
         check_vma=False,
     )
@@ -171,14 +214,16 @@ def unreplicate(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[0], tree)
 
 
-def pmap_step(step: TrainStep, *, devices: Any = None) -> Step:
-    """The step under ``jax.pmap`` over the ``"data"`` axis of ``devices``.
+def pmap_step(step: TrainStep, *, devices: Any = None, axis_name: str = DATA) -> Step:
+    """The step under ``jax.pmap`` over the ``axis_name`` axis of ``devices``.
 
     Args:
       step: a :class:`mixjax.train.TrainStep` built with a
-        :func:`mixjax.parallel.replica_apply` model (its ``steps_per_call`` and ``donate``
-        apply).
+        :func:`mixjax.parallel.replica_apply` model over ``axis_name`` (its ``steps_per_call``
+        and ``donate`` apply).
       devices: the local devices (default all); ``n = len(devices)`` replicas.
+      axis_name: the pmapped axis's name, the one the model's collectives use (a BatchNorm's
+        ``axis_name``); default ``"data"``.
 
     Returns:
       ``step(state, batch) -> (state, metrics)``: ``state`` replicated (:func:`replicate`,
@@ -190,13 +235,14 @@ def pmap_step(step: TrainStep, *, devices: Any = None) -> Step:
       TypeError / ValueError: as :func:`shard_map_step`, with the data axis of size ``n``.
     """
     fn_name = "mixjax.parallel.pmap_step"
-    step = check_train_step(fn_name, step, local_grads=False)
+    axis_name = check_axis_name(fn_name, axis_name)
+    step = check_train_step(fn_name, step, local_grads=False, axis_name=axis_name)
     steps_per_call, donate = step.steps_per_call, step.donate
     devices = jax.local_devices() if devices is None else list(devices)
     n = len(devices)
     mapped = jax.pmap(
-        replica_body(step.pure),
-        axis_name=DATA,
+        replica_body(step.pure, axis_name=axis_name),
+        axis_name=axis_name,
         devices=devices,
         donate_argnums=(0,) if donate else (),
     )

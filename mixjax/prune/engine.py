@@ -4,7 +4,11 @@ One engine, three scores: :func:`magnitude` (``|w|``), :func:`random` (keyed) an
 :func:`saliency` (``|w * g|``, from ``grads=`` passed to ``update``). Each factory takes
 
 * ``sparsity``: the fraction of weights to prune, a float or a schedule ``step -> value`` in
-  ``[0, 1)`` (see :mod:`mixjax.schedules`; optax schedules fit);
+  ``[0, 1)`` (see :mod:`mixjax.schedules`; optax schedules fit). A schedule is checked eagerly
+  at sampled steps only (:func:`mixjax.schedules.check_schedule`), and a traced ``update``
+  cannot raise, so at the steps it runs ``update`` applies one rule to whatever the schedule
+  returns: a value outside ``[0, 1]`` is clamped to it (``1.5`` prunes every selected weight,
+  ``-0.5`` none), and a non-finite one (NaN, ±Inf) keeps the current masks unchanged;
 * ``structure``: :class:`Unstructured` (default), :class:`NM`, :class:`Block` or :class:`Channel`;
 * ``scope``: ``"uniform"`` (every selected leaf at ``sparsity``), ``"erk"`` (Erdős–Rényi-Kernel
   per-layer sparsities whose weighted mean is ``sparsity``) or ``"global"`` (one threshold across
@@ -32,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from mixjax import _checks, schedules, select
+from mixjax import layout as layout_lib
 from mixjax.core import ParamTransform, multiples_of, update_when_due
 from mixjax.prune import selection, structures
 from mixjax.prune.structures import NM, UNSTRUCTURED, Block, Structure
@@ -71,15 +76,32 @@ class _Rule(NamedTuple):
     schedule: schedules.Schedule | None  # None: a constant sparsity, passed as an array
 
 
-def _new_masks(rule: _Rule, params, masks, step, grads, key, sparsity):
+def _new_masks(rule: _Rule, layouts, params, masks, step, grads, key, sparsity):
+    """The masks at ``step``. The sparsity is clamped to ``[0, 1]``; a non-finite one (a
+    schedule's NaN/Inf) keeps ``masks`` unchanged, since inside ``jit`` nothing can raise."""
     step = jnp.asarray(step)
-    s = sparsity if rule.schedule is None else rule.schedule(step)
-    s = jnp.clip(jnp.asarray(s, jnp.float32), 0.0, 1.0)
-    structure = rule.structure
+    raw = jnp.asarray(sparsity if rule.schedule is None else rule.schedule(step), jnp.float32)
+    finite = jnp.isfinite(raw)
+    s = jnp.clip(jnp.where(finite, raw, 0.0), 0.0, 1.0)
     flat_params, treedef = jax.tree.flatten(params)
     flat_masks = treedef.flatten_up_to(masks)
     flat_grads = [None] * len(flat_params) if grads is None else treedef.flatten_up_to(grads)
     step_key = None if key is None else jax.random.fold_in(key, step)
+    layouts = (None,) * len(flat_params) if layouts is None else layouts
+    fresh = _fresh_masks(rule, layouts, flat_params, flat_masks, flat_grads, step_key, s)
+    pairs = zip(flat_masks, fresh, strict=True)
+    return treedef.unflatten([m if m is None else jnp.where(finite, f, m) for m, f in pairs])
+
+
+def _fresh_masks(rule: _Rule, layouts, flat_params, flat_masks, flat_grads, step_key, s):
+    """The flat masks that prune a fraction ``s`` in ``[0, 1]`` (see :func:`_new_masks`).
+
+    Structures work on each leaf's matrix view (:func:`mixjax.layout.to_matrix`), so N:M groups
+    run along the contraction axes, blocks tile ``(contract, out)`` and channels are output
+    features, wherever the model put those axes."""
+    structure = rule.structure
+    view = lambda i, x: layout_lib.to_matrix(x, layouts[i])  # noqa: E731
+    unview = lambda i, x: layout_lib.from_matrix(x, layouts[i], flat_params[i].shape)  # noqa: E731
     chosen = [i for i, m in enumerate(flat_masks) if m is not None]
     scores = {}
     for i in chosen:
@@ -91,9 +113,9 @@ def _new_masks(rule: _Rule, params, masks, step, grads, key, sparsity):
     if isinstance(structure, NM):
         keep = structures.nm_keep(s, structure)
         for i in chosen:
-            out[i] = structures.nm_mask(scores[i], structure.m, keep)
-        return treedef.unflatten(out)
-    units = {i: structures.unit_scores(structure, scores[i]) for i in chosen}
+            out[i] = unview(i, structures.nm_mask(view(i, scores[i]), structure.m, keep))
+        return out
+    units = {i: structures.unit_scores(structure, view(i, scores[i])) for i in chosen}
     if rule.scope == "global":
         total = sum(u.size for u in units.values())
         pruned = selection.smallest(
@@ -113,14 +135,15 @@ def _new_masks(rule: _Rule, params, masks, step, grads, key, sparsity):
         }
     for i in chosen:
         unit_mask = ~pruned[i].reshape(units[i].shape)
-        out[i] = structures.expand(structure, unit_mask, flat_params[i].shape)
-    return treedef.unflatten(out)
+        shape = layout_lib.matrix_shape(flat_params[i].shape, layouts[i])
+        out[i] = unview(i, structures.expand(structure, unit_mask, shape))
+    return out
 
 
 # Module-level, keyed on the static rule: eager calls (init, sparsify, update outside jit)
 # compile once per rule and tree shape, not once per transform instance. Inside a jitted train
 # step it is inlined.
-_new_masks_jit = jax.jit(_new_masks, static_argnums=0)
+_new_masks_jit = jax.jit(_new_masks, static_argnums=(0, 1))
 
 
 def _pruner(
@@ -134,8 +157,11 @@ def _pruner(
     scope: str,
     where: select.Where,
     update_every: int,
+    layouts: Any,
+    skip_incompatible: bool,
 ) -> ParamTransform:
     _checks.choice(fn_name, "scope", scope, SCOPES)
+    skip_incompatible = _checks.boolean(fn_name, "skip_incompatible", skip_incompatible)
     structures.check_structure(fn_name, structure, scope)
     update_every = _checks.integer(fn_name, "update_every", update_every, 1)
     due = multiples_of(update_every)
@@ -152,19 +178,17 @@ def _pruner(
     )
     level = jnp.float32(sparsity if constant else 0.0)
 
+    def flat(params):
+        return None if layouts is None else layout_lib.flat_layouts(fn_name, params, layouts)
+
     def init_fn(params):
-        chosen = select.selection(fn_name, params, where)
-        ones = select.mirror(
-            lambda path, leaf: (
-                structures.check_leaf(fn_name, structure, path, leaf)
-                or jnp.ones(leaf.shape, jnp.bool_)
-            ),
-            params,
-            chosen,
+        chosen = structures.select_leaves(
+            fn_name, params, where, layouts, structure, skip_incompatible
         )
+        ones = select.mirror(lambda path, leaf: jnp.ones(leaf.shape, jnp.bool_), params, chosen)
         if needs_grads:  # no gradient yet: masks start dense and are chosen at the first update
             return PruneState(ones)
-        return PruneState(_new_masks_jit(rule, params, ones, 0, None, key, level))
+        return PruneState(_new_masks_jit(rule, flat(params), params, ones, 0, None, key, level))
 
     def check(params, state):
         _checks.instance(fn_name, "state", state, PruneState, "a PruneState")
@@ -186,7 +210,7 @@ def _pruner(
         if grads is not None:
             select.check_mirror(fn_name, params, grads, "grads")
         refresh = lambda: PruneState(
-            _new_masks_jit(rule, params, state.masks, step, grads, key, level)
+            _new_masks_jit(rule, flat(params), params, state.masks, step, grads, key, level)
         )
         return update_when_due(due, step, refresh, state)
 
@@ -216,16 +240,31 @@ def magnitude(
     scope: str = "uniform",
     where: select.Where = None,
     update_every: int = 1,
+    layouts: Any = None,
+    skip_incompatible: bool = False,
 ) -> ParamTransform:
     """Magnitude pruning: keeps the weights (or units) with the largest ``|w|``.
 
     Args:
       sparsity: fraction pruned, a float or a schedule ``step -> value`` in ``[0, 1)``; ``None``
-        with ``structure=NM(n, m)`` means ``1 - n/m`` from the start.
+        with ``structure=NM(n, m)`` means ``1 - n/m`` from the start. A schedule is probed
+        eagerly at sampled steps; where ``update`` meets a value the probe missed, it clamps it
+        to ``[0, 1]`` and keeps the current masks for a NaN/Inf (see the module docstring). A
+        traced scalar is taken as a constant under the same rule: ``jax.vmap`` over sparsity
+        levels trains a sweep of pruned models in one compiled program.
       structure: :class:`Unstructured`, :class:`NM`, :class:`Block` or :class:`Channel`.
       scope: ``"uniform"``, ``"erk"`` or ``"global"`` (see the module docstring).
-      where: leaf selector (default: floating kernels with ``ndim >= 2``).
+      where: leaf selector (default: floating kernels with ``ndim >= 2``; with ``layouts``, the
+        kernels a matmul or convolution consumes, embedding tables excluded).
       update_every: recompute masks at steps that are multiples of this.
+      layouts: the tree of :class:`mixjax.layout.Layout` of the params
+        (:func:`mixjax.layout.learn`): N:M groups run along each kernel's contraction axes,
+        blocks tile its ``(contract, out)`` matrix, channels are its output features. Without
+        it, the convention of :mod:`mixjax.prune.structures` holds (the last two axes are ``(in,
+        out)``).
+      skip_incompatible: leave selected leaves that the structure does not fit (a contraction
+        not divisible by ``m``, a matrix the block does not tile) dense, with one warning that
+        lists them, instead of raising.
 
     Returns:
       A :class:`~mixjax.core.ParamTransform` with :class:`PruneState`.
@@ -233,8 +272,10 @@ def magnitude(
     Raises:
       ValueError: sparsity (or a schedule value) outside ``[0, 1)``; bad ``NM``/``Block``;
         ``scope`` unknown or not ``"uniform"`` with ``NM``; ``update_every < 1``. At ``init``: a
-        selector that matches no leaf, an input axis not divisible by ``m``, a block that does
-        not tile a kernel. ``apply``/``update``: a state that does not match the params.
+        selector that matches no leaf, a contraction not divisible by ``m``, a block that does
+        not tile a kernel (unless ``skip_incompatible``); with ``layouts``: layouts that do not
+        mirror the params or fit their leaves, a selected leaf no matmul consumes.
+        ``apply``/``update``: a state that does not match the params.
       TypeError: a selected leaf is not floating point; a bad ``structure``.
 
     Examples:
@@ -255,6 +296,8 @@ def magnitude(
         scope=scope,
         where=where,
         update_every=update_every,
+        layouts=layouts,
+        skip_incompatible=skip_incompatible,
     )
 
 
@@ -266,10 +309,13 @@ def random(
     scope: str = "uniform",
     where: select.Where = None,
     update_every: int = 1,
+    layouts: Any = None,
+    skip_incompatible: bool = False,
 ) -> ParamTransform:
     """Random pruning: uniform random scores drawn from ``key`` (folded with the step).
 
-    Already pruned weights stay pruned as sparsity grows. Arguments as :func:`magnitude`.
+    Already pruned weights stay pruned as sparsity grows. Arguments (and the rule for schedule
+    values outside [0, 1]) as :func:`magnitude`.
 
     Raises:
       TypeError: ``key`` is not a ``jax.random`` key; the errors of :func:`magnitude`.
@@ -285,6 +331,8 @@ def random(
         scope=scope,
         where=where,
         update_every=update_every,
+        layouts=layouts,
+        skip_incompatible=skip_incompatible,
     )
 
 
@@ -295,11 +343,14 @@ def saliency(
     scope: str = "uniform",
     where: select.Where = None,
     update_every: int = 1,
+    layouts: Any = None,
+    skip_incompatible: bool = False,
 ) -> ParamTransform:
     """Saliency pruning: keeps the weights with the largest ``|w * g|`` (first-order Taylor).
 
     ``update`` needs ``grads=`` (the loss gradient w.r.t. the params); masks start dense at
-    ``init`` and are first chosen at the first update step. Arguments as :func:`magnitude`.
+    ``init`` and are first chosen at the first update step. Arguments (and the rule for schedule
+    values outside [0, 1]) as :func:`magnitude`.
     """
     return _pruner(
         "mixjax.prune.saliency",
@@ -311,6 +362,8 @@ def saliency(
         scope=scope,
         where=where,
         update_every=update_every,
+        layouts=layouts,
+        skip_incompatible=skip_incompatible,
     )
 
 

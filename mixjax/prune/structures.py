@@ -10,6 +10,7 @@ by :func:`check_leaf` at ``init``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -17,6 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from mixjax import _checks, select
+from mixjax import layout as layout_lib
+from mixjax.layout import Layout
 
 __all__ = [
     "NM",
@@ -30,6 +33,7 @@ __all__ = [
     "expand",
     "nm_keep",
     "nm_mask",
+    "select_leaves",
     "unit_scores",
 ]
 
@@ -68,6 +72,9 @@ class Channel(NamedTuple):
 
 Structure = Unstructured | NM | Block | Channel
 UNSTRUCTURED = Unstructured()
+# With layouts, what pruning selects by default: kernels of matmuls and convolutions (not
+# embedding tables, tied or not).
+_MATMULS = ("dense", "conv")
 
 
 def unit_scores(structure: Structure, scores: jax.Array) -> jax.Array:
@@ -122,28 +129,89 @@ def nm_keep(sparsity: jax.Array, nm: NM) -> jax.Array:
     return jnp.clip(nm.m - pruned, nm.n, nm.m)
 
 
-def check_leaf(fn_name: str, structure: Structure, path: str, leaf: Any) -> None:
+def check_leaf(
+    fn_name: str, structure: Structure, path: str, leaf: Any, layout: Layout | None = None
+) -> None:
     """Raises ``ValueError`` (naming the leaf, its shape and the rule) unless ``structure`` fits
-    ``leaf``: N:M needs its input axis divisible by ``m``, a block must tile the last two axes,
-    N:M and channels need ``ndim >= 2``."""
+    ``leaf`` seen as the matrices of its ``layout`` (:func:`mixjax.layout.to_matrix`; without a
+    layout, its last two axes): N:M needs the contraction size divisible by ``m``, a block must
+    tile the ``(contract, out)`` matrix, N:M, blocks and channels need ``ndim >= 2`` without a
+    layout."""
     where = select.describe(path, leaf)
-    if isinstance(structure, NM):
-        if leaf.ndim < 2:
-            raise ValueError(f"{fn_name}: {where}: N:M sparsity needs a kernel with ndim >= 2")
-        if leaf.shape[-2] % structure.m:
-            raise ValueError(
-                f"{fn_name}: {where}: N:M {structure.n}:{structure.m} needs the input axis "
-                f"(axis {leaf.ndim - 2}, size {leaf.shape[-2]}) divisible by {structure.m}"
-            )
-    elif isinstance(structure, Block):
+    if isinstance(structure, Unstructured):
+        return
+    if layout is None and leaf.ndim < 2:
+        kind = {NM: "N:M sparsity", Block: "block sparsity", Channel: "channel pruning"}
+        raise ValueError(
+            f"{fn_name}: {where}: {kind[type(structure)]} needs a kernel with ndim >= 2"
+        )
+    rows, cols = layout_lib.matrix_shape(tuple(leaf.shape), layout)[-2:]
+    if layout is None:
+        axis = f"the input axis (axis {leaf.ndim - 2}, size {rows})"
+    else:
+        axis = f"the contraction axes {layout.contract} (size {rows})"
+    if isinstance(structure, NM) and rows % structure.m:
+        raise ValueError(
+            f"{fn_name}: {where}: N:M {structure.n}:{structure.m} needs {axis} divisible by "
+            f"{structure.m}"
+        )
+    if isinstance(structure, Block):
         bh, bw = structure.shape
-        if leaf.ndim < 2 or leaf.shape[-2] % bh or leaf.shape[-1] % bw:
+        if rows % bh or cols % bw:
+            seen = "the last two axes" if layout is None else "the (contract, out) matrix"
             raise ValueError(
-                f"{fn_name}: {where}: block {structure.shape} does not tile the last two axes "
-                f"{tuple(leaf.shape[-2:])}"
+                f"{fn_name}: {where}: block {structure.shape} does not tile {seen} {(rows, cols)}"
             )
-    elif isinstance(structure, Channel) and leaf.ndim < 2:
-        raise ValueError(f"{fn_name}: {where}: channel pruning needs a kernel with ndim >= 2")
+
+
+def select_leaves(
+    fn_name: str,
+    params: Any,
+    where: select.Where,
+    layouts: Any,
+    structure: Structure,
+    skip_incompatible: bool,
+) -> Any:
+    """The mirror tree of bools of the leaves a pruner masks, checked.
+
+    The leaves are ``where``'s (by default, with ``layouts``, the kernels a matmul or
+    convolution consumes; embeddings are left out), each with a layout when ``layouts`` are
+    given, and each fitting ``structure`` (:func:`check_leaf`); with ``skip_incompatible``,
+    those that do not fit are left dense, with one warning that lists them.
+    """
+    by_path = layout_lib.by_path(fn_name, params, layouts)
+    if by_path is not None:
+        if where is None:
+            where = lambda p, leaf: (  # noqa: E731
+                select.is_floating(leaf) and getattr(by_path[p], "kind", None) in _MATMULS
+            )
+    chosen = select.selection(fn_name, params, where)
+    skipped = []
+
+    def fits(path, leaf):
+        layout = None if by_path is None else by_path[path]
+        if by_path is not None and layout is None:
+            raise ValueError(
+                f"{fn_name}: {select.describe(path, leaf)} is selected by where= but no matmul, "
+                "convolution or table lookup consumes it (its layout is None)"
+            )
+        try:
+            check_leaf(fn_name, structure, path, leaf, layout)
+        except ValueError as err:
+            if not skip_incompatible:
+                raise
+            skipped.append(str(err).removeprefix(f"{fn_name}: "))
+            return False
+        return True
+
+    kept = select.mirror(fits, params, chosen)
+    if skipped:
+        warnings.warn(
+            f"{fn_name}: skip_incompatible=True left {len(skipped)} leaves dense: "
+            + "; ".join(skipped),
+            stacklevel=3,
+        )
+    return jax.tree.map(lambda c, k: bool(c and k), chosen, kept)
 
 
 def check_structure(fn_name: str, structure: Any, scope: str) -> None:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixjax import _checks, select
+from mixjax import layout as layout_lib
 from mixjax.core import ParamTransform, never
 from mixjax.quant.grids import STE_RULES, TINY, Grid, fake_quantize, grid
 from mixjax.quant.weights import check_scales, reduce_axes, selected_weights
@@ -41,10 +42,10 @@ class LsqState(NamedTuple):
     LEARNED = ("scale",)
 
 
-def _initial_scale(x: jax.Array, per_channel: bool, g: Grid) -> jax.Array:
+def _initial_scale(x: jax.Array, per_channel: bool, g: Grid, layout: Any) -> jax.Array:
     x = jnp.asarray(x, jnp.float32)
     finite = jnp.isfinite(x)
-    axes = reduce_axes(x, per_channel)
+    axes = reduce_axes(x, per_channel, layout)
     count = jnp.maximum(jnp.sum(finite, axis=axes, keepdims=per_channel), 1)
     mean_abs = jnp.sum(jnp.where(finite, jnp.abs(x), 0.0), axis=axes, keepdims=per_channel) / count
     s = 2.0 * mean_abs / np.sqrt(g.qmax)
@@ -58,15 +59,20 @@ def lsq(
     narrow_range: bool = True,
     ste: str = "clipped",
     where: select.Where = None,
+    layouts: Any = None,
 ) -> ParamTransform:
     """Weight fake-quantization with learned symmetric step sizes (see the module docstring).
 
     Args:
       bits: grid width, 2 to 16.
-      per_channel: one step size per output channel (a kernel's last axis); else per tensor.
+      per_channel: one step size per output feature (a kernel's last axis, or with ``layouts``
+        all its output axes); else per tensor.
       narrow_range: use ``[-qmax, qmax]`` instead of ``[-qmax - 1, qmax]``.
       ste: ``"clipped"`` or ``"identity"`` straight-through gradient for the weights.
-      where: which leaves to quantize (:mod:`mixjax.select`); default: float kernels, ndim >= 2.
+      where: which leaves to quantize (:mod:`mixjax.select`); default as
+        :func:`mixjax.quant.fake_quant`.
+      layouts: the params' layouts (:func:`mixjax.layout.learn`), as for
+        :func:`mixjax.quant.fake_quant`.
 
     Returns:
       A :class:`mixjax.ParamTransform` whose state is an :class:`LsqState`; its ``update`` is
@@ -82,14 +88,18 @@ def lsq(
     per_channel = _checks.boolean(name, "per_channel", per_channel)
 
     def init_fn(params):
-        chosen = selected_weights(name, params, where, per_channel)
-        return LsqState(
-            select.mirror(lambda p, x: _initial_scale(x, per_channel, g), params, chosen)
+        found = layout_lib.by_path(name, params, layouts)
+        chosen = selected_weights(name, params, where, per_channel, found)
+        scales = select.mirror(
+            lambda p, x: _initial_scale(x, per_channel, g, (found or {}).get(p)), params, chosen
         )
+        return LsqState(scales)
 
     def apply_fn(params, state):
         _checks.instance(name, "state", state, LsqState, "an LsqState")
-        check_scales(name, params, state.scale, per_channel)
+        check_scales(
+            name, params, state.scale, per_channel, layout_lib.by_path(name, params, layouts)
+        )
 
         def leaf(x, s):
             if s is None:

@@ -6,8 +6,11 @@ computed by ``init`` and refreshed by ``update``. :func:`mixjax.quant.lsq` is th
 scales are learned instead. The helpers here (per-channel axes, the checks of a selected leaf
 and of a state's scales) serve both.
 
-Per channel means per output channel: the last axis of a kernel, so a leaf ``(..., C)`` has
-scales of shape ``(1, ..., 1, C)``; per tensor, ``()``.
+Per channel means per output feature. Without layouts that is the last axis of a kernel (the
+rank convention of linen ``Dense``/``Conv``), so a leaf ``(..., C)`` has scales of shape ``(1,
+..., 1, C)``; with ``layouts=`` (:func:`mixjax.layout.learn`) it is every output axis of the
+leaf: a linen query kernel ``(embed, heads, head_dim)`` gets scales ``(1, heads, head_dim)``, one
+per output feature of every head. Per tensor, ``()``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixjax import _checks, select
+from mixjax import layout as layout_lib
 from mixjax.core import ParamTransform, multiples_of, update_when_due
+from mixjax.layout import Layout
 from mixjax.quant.grids import SCALE_RULES, STE_RULES, fake_quantize, grid, qparams
 
 __all__ = [
@@ -37,8 +42,8 @@ class FakeQuantState(NamedTuple):
     """State of :func:`fake_quant`.
 
     Attributes:
-      scale: mirror tree (``None`` at unselected leaves): float32 ``(1, ..., 1, C)`` per output
-        channel (``C`` = the leaf's last axis) or ``()`` per tensor.
+      scale: mirror tree (``None`` at unselected leaves): float32 of :func:`scale_shape` per
+        output feature (``(1, ..., 1, C)`` without layouts) or ``()`` per tensor.
       zero_point: mirror tree like ``scale``: float32 integer values (zeros when symmetric).
     """
 
@@ -46,39 +51,67 @@ class FakeQuantState(NamedTuple):
     zero_point: Any
 
 
-def reduce_axes(leaf: Any, per_channel: bool) -> tuple[int, ...]:
-    """The axes a leaf's scale statistics reduce over: all but the last per channel, else all."""
-    return tuple(range(leaf.ndim - 1)) if per_channel else tuple(range(leaf.ndim))
+def reduce_axes(leaf: Any, per_channel: bool, layout: Layout | None = None) -> tuple[int, ...]:
+    """The axes a leaf's scale statistics reduce over: all but the output axes per channel
+    (:func:`mixjax.layout.out_axes`), else all."""
+    keep = layout_lib.out_axes(leaf, layout) if per_channel else ()
+    return tuple(a for a in range(np.ndim(leaf)) if a not in keep)
 
 
-def scale_shape(leaf: Any, per_channel: bool) -> tuple[int, ...]:
-    """``(1, ..., 1, C)`` per channel, ``()`` per tensor."""
-    return (1,) * (leaf.ndim - 1) + tuple(leaf.shape[-1:]) if per_channel else ()
+def scale_shape(leaf: Any, per_channel: bool, layout: Layout | None = None) -> tuple[int, ...]:
+    """The leaf's shape with 1 on the :func:`reduce_axes` per channel (``(1, ..., 1, C)`` without
+    a layout), ``()`` per tensor."""
+    if not per_channel:
+        return ()
+    axes = reduce_axes(leaf, per_channel, layout)
+    return tuple(1 if a in axes else n for a, n in enumerate(np.shape(leaf)))
 
 
-def weight_range(x: jax.Array, per_channel: bool) -> tuple[jax.Array, jax.Array]:
+def weight_range(
+    x: jax.Array, per_channel: bool, layout: Layout | None = None
+) -> tuple[jax.Array, jax.Array]:
     """The smallest and largest finite entries of ``x`` (0 where none), per channel or tensor."""
     x = jnp.asarray(x, jnp.float32)
     finite = jnp.isfinite(x)
-    axes = reduce_axes(x, per_channel)
+    axes = reduce_axes(x, per_channel, layout)
     lo = jnp.min(jnp.where(finite, x, 0.0), axis=axes, keepdims=per_channel)
     hi = jnp.max(jnp.where(finite, x, 0.0), axis=axes, keepdims=per_channel)
     return lo, hi
 
 
-def selected_weights(fn_name: str, params: Any, where: select.Where, per_channel: bool) -> Any:
+def selected_weights(
+    fn_name: str,
+    params: Any,
+    where: select.Where,
+    per_channel: bool,
+    layouts: dict[str, Layout | None] | None = None,
+) -> Any:
     """The selection of ``where`` in ``params`` (:func:`mixjax.select.selection`), checked.
 
-    Each selected leaf must have ``ndim >= 2`` when ``per_channel``; a *concrete* selected leaf
+    With ``layouts`` (``{path: layout}``, :func:`mixjax.layout.by_path`) the default selection is
+    the kernels a matmul or convolution consumes: embedding tables are quantized only when a
+    ``where`` asks for them. Each selected leaf must have ``ndim >= 2`` when ``per_channel``
+    without a layout, and a layout when ``per_channel`` with layouts; a *concrete* selected leaf
     must be finite. Under a trace (``init`` inside ``jax.jit``) the values are unknown and only
     the shapes are checked: non-finite weights then pass through the view unchanged.
 
     Raises:
-      ValueError: a per-channel leaf with ``ndim < 2``; a concrete leaf holding NaN/Inf.
+      ValueError: a per-channel leaf with ``ndim < 2`` or without a layout; a concrete leaf
+        holding NaN/Inf.
     """
+    if layouts is not None and where is None:
+        where = lambda p, leaf: (  # noqa: E731
+            select.is_floating(leaf) and getattr(layouts[p], "kind", None) in ("dense", "conv")
+        )
 
     def check(path, leaf):
-        if per_channel and leaf.ndim < 2:
+        if per_channel and layouts is not None and layouts[path] is None:
+            raise ValueError(
+                f"{fn_name}: {select.describe(path, leaf)} is selected by where= but no matmul, "
+                "convolution or table lookup consumes it, so it has no output features for "
+                "per_channel=True; use per_channel=False or a where= that skips it"
+            )
+        if per_channel and layouts is None and leaf.ndim < 2:
             raise ValueError(
                 f"{fn_name}: {select.describe(path, leaf)}: per_channel=True needs ndim >= 2 "
                 "(one scale per output channel, the last axis); use per_channel=False or a "
@@ -97,16 +130,23 @@ def selected_weights(fn_name: str, params: Any, where: select.Where, per_channel
     return chosen
 
 
-def check_scales(fn_name: str, params: Any, scales: Any, per_channel: bool) -> None:
+def check_scales(
+    fn_name: str,
+    params: Any,
+    scales: Any,
+    per_channel: bool,
+    layouts: dict[str, Layout | None] | None = None,
+) -> None:
     """Raises ``ValueError`` unless ``scales`` mirrors ``params`` with :func:`scale_shape` s."""
     select.check_mirror(fn_name, params, scales, "state.scale")
 
     def check(path, x, s):
-        if s is not None and tuple(jnp.shape(s)) != scale_shape(x, per_channel):
+        expected = scale_shape(x, per_channel, None if layouts is None else layouts[path])
+        if s is not None and tuple(jnp.shape(s)) != expected:
             raise ValueError(
                 f"{fn_name}: {select.describe(path, x)}: state scale has shape "
-                f"{tuple(jnp.shape(s))}, expected {scale_shape(x, per_channel)} (was the state "
-                "made by init on these params?)"
+                f"{tuple(jnp.shape(s))}, expected {expected} (was the state made by init on "
+                "these params?)"
             )
 
     jax.tree_util.tree_map_with_path(
@@ -124,6 +164,7 @@ def fake_quant(
     ste: str = "clipped",
     update_every: int = 1,
     where: select.Where = None,
+    layouts: Any = None,
 ) -> ParamTransform:
     """Weight fake-quantization (quantize -> dequantize in ``apply``) as a ParamTransform.
 
@@ -144,14 +185,18 @@ def fake_quant(
     Args:
       bits: grid width, 2 to 16 (4 and 8 map to packed int4 / int8 in :mod:`mixjax.export`).
       symmetric: zero point 0 (default); else an integer zero point per scale.
-      per_channel: one scale per output channel (a kernel's last axis); else one per tensor.
+      per_channel: one scale per output feature (a kernel's last axis, or with ``layouts`` all
+        its output axes); else one per tensor.
       narrow_range: use ``[-qmax, qmax]`` instead of ``[-qmax - 1, qmax]``.
       scale: ``"absmax"`` or ``"minmax"`` (see :func:`mixjax.quant.qparams`); default
         ``"absmax"`` when symmetric, ``"minmax"`` otherwise (the only asymmetric rule).
       ste: ``"clipped"`` or ``"identity"`` straight-through gradient.
       update_every: ``k >= 1``; ``update`` recomputes the scales at steps ``t`` with
         ``t % k == 0`` and returns the state unchanged at other steps.
-      where: which leaves to quantize (:mod:`mixjax.select`); default: float kernels, ndim >= 2.
+      where: which leaves to quantize (:mod:`mixjax.select`); default: float kernels, ndim >= 2
+        (with ``layouts``: the kernels a matmul or convolution consumes, not embedding tables).
+      layouts: the tree of :class:`mixjax.layout.Layout` of the params
+        (:func:`mixjax.layout.learn`), which says where each kernel's output features are.
 
     Returns:
       A :class:`mixjax.ParamTransform` whose state is a :class:`FakeQuantState`.
@@ -176,9 +221,10 @@ def fake_quant(
     due = multiples_of(_checks.integer(name, "update_every", update_every, 1))
 
     def state_of(params, chosen):
+        found = layout_lib.by_path(name, params, layouts) or {}
         pairs = select.mirror(
             lambda p, x: qparams(
-                *weight_range(x, per_channel), g, symmetric=symmetric, scale=scale
+                *weight_range(x, per_channel, found.get(p)), g, symmetric=symmetric, scale=scale
             ),
             params,
             chosen,
@@ -188,11 +234,14 @@ def fake_quant(
         return FakeQuantState(first, second)
 
     def init_fn(params):
-        return state_of(params, selected_weights(name, params, where, per_channel))
+        found = layout_lib.by_path(name, params, layouts)
+        return state_of(params, selected_weights(name, params, where, per_channel, found))
 
     def apply_fn(params, state):
         _checks.instance(name, "state", state, FakeQuantState, "a FakeQuantState")
-        check_scales(name, params, state.scale, per_channel)
+        check_scales(
+            name, params, state.scale, per_channel, layout_lib.by_path(name, params, layouts)
+        )
         return jax.tree.map(
             lambda x, s, z: (
                 x

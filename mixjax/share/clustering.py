@@ -94,14 +94,18 @@ def _live(x: jax.Array, preserve_sparsity: bool) -> jax.Array:
 
 # Module-level jits: one program per leaf shape and configuration, shared by all transforms,
 # also when ``apply`` runs eagerly.
+# Non-finite weights (which eager ``init``/``update`` refuse, but a traced one cannot) take no
+# part in a fit or a cluster mean and pass through both views unchanged: NaN/Inf stays where the
+# input holds it and does not spread to the cluster.
 @functools.partial(jax.jit, static_argnames=("free", "per_channel", "preserve_sparsity"))
 def _fixed_view(x, assignments, free, per_channel, preserve_sparsity):
     channels = x.shape[-1] if per_channel else 1
     channel = jnp.arange(x.size, dtype=jnp.int32) % channels
     assignments = assignments.astype(jnp.int32)
     ids = channel.reshape(x.shape) * free + jnp.minimum(assignments, free - 1)
-    live = _live(x, preserve_sparsity) & (assignments < free)
-    return tie(x, ids, live, channels * free)
+    finite = jnp.isfinite(x)
+    live = _live(x, preserve_sparsity) & (assignments < free) & finite
+    return jnp.where(finite, tie(x, ids, live, channels * free), x)
 
 
 @functools.partial(jax.jit, static_argnames=("per_channel", "preserve_sparsity"))
@@ -111,7 +115,7 @@ def _reassign_view(x, centroids, per_channel, preserve_sparsity):
     codes = kmeans.assign(groups, centroids)
     q = _from_groups(jnp.take_along_axis(centroids, codes, axis=-1), x.shape, per_channel)
     q = jnp.where(_live(x, preserve_sparsity), q, 0.0)
-    return straight_through(x, q)
+    return jnp.where(jnp.isfinite(x), straight_through(x, q), x)
 
 
 class _Clustering(NamedTuple):
@@ -132,6 +136,7 @@ def _fit_leaves(c: _Clustering, key, leaves):
     # float32 before fitting (as the fit computes anyway): one program for every leaf dtype.
     groups = [_to_groups(x.astype(jnp.float32), c.per_channel) for x in leaves]
     masks = [_to_groups(_live(x, c.preserve_sparsity), c.per_channel) for x in leaves]
+    fitted = [m & jnp.isfinite(g) for m, g in zip(masks, groups, strict=True)]
     by_size: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         by_size.setdefault(g.shape[1], []).append(i)
@@ -143,7 +148,7 @@ def _fit_leaves(c: _Clustering, key, leaves):
             jnp.concatenate([groups[i] for i in members]),
             c.free,
             init=c.init,
-            mask=jnp.concatenate([masks[i] for i in members]),
+            mask=jnp.concatenate([fitted[i] for i in members]),
             max_iterations=c.max_iterations,
             bins=c.bins,
         )
@@ -228,8 +233,12 @@ def cluster(
     Raises:
       TypeError / ValueError: ``num_clusters < 2``, unknown ``init`` or ``mode``, a random
         ``init`` without ``key``, bad ``update_every``/``max_iterations``/``bins``; at
-        ``init``: a leaf or channel with fewer weights than ``num_clusters``, a selected leaf
-        that is not floating point.
+        ``init`` (and at each re-clustering ``update``): a leaf or channel with fewer weights
+        than ``num_clusters``, a selected leaf that is not floating point, a selected leaf
+        holding NaN/Inf. The last is checked where the weights are concrete, not under
+        ``jax.jit``: there non-finite weights are left out of the k-means fit and of the
+        cluster means, and pass through the view unchanged, so NaN/Inf stays where the input
+        holds it instead of spreading to its cluster.
     """
     name = "mixjax.share.cluster"
     k = _checks.integer(name, "num_clusters", num_clusters, 2)
@@ -260,6 +269,13 @@ def cluster(
                 f"{name}: {select.describe(path, leaf)}: num_clusters={k} exceeds the "
                 f"{per_group} weights per {unit}"
             )
+        if not isinstance(leaf, jax.core.Tracer):  # under jit: see the note above _fixed_view
+            bad = int(jnp.sum(~jnp.isfinite(leaf)))
+            if bad:
+                raise ValueError(
+                    f"{name}: {select.describe(path, leaf)} holds {bad} non-finite values "
+                    "(NaN/Inf); k-means needs finite weights"
+                )
 
     def selected(params):
         chosen = select.selection(name, params, where)

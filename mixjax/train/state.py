@@ -11,12 +11,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from mixjax import _checks
+from mixjax import _checks, select
 from mixjax.core import ParamTransform, identity, learned_state
 
-__all__ = ["TrainState", "init_train_state", "trained"]
+__all__ = ["TrainState", "check_opt_state", "init_train_state", "trained"]
 
 _INIT = "mixjax.train.init_train_state"
 
@@ -56,6 +57,14 @@ def trained(params: Any, transform_state: Any) -> Any:
     return (params, learned) if jax.tree.leaves(learned) else params
 
 
+def _inexact(leaf: Any) -> bool:
+    """Whether ``jax.grad`` can differentiate with respect to ``leaf`` (a float or complex)."""
+    try:
+        return bool(jnp.issubdtype(jnp.result_type(leaf), jnp.inexact))
+    except TypeError:  # not an array or a number
+        return False
+
+
 def init_train_state(
     params: Any,
     tx: optax.GradientTransformation,
@@ -79,12 +88,21 @@ def init_train_state(
 
     Raises:
       TypeError: ``tx`` not an optax transformation, ``transform`` not a ParamTransform or
-        ``key`` not a ``jax.random`` key.
+        ``key`` not a ``jax.random`` key; a leaf of ``params`` that is not floating point
+        (``jax.grad`` trains inexact leaves only: integer or boolean variables that are not
+        trained belong in ``model_state``), named with its path, shape and dtype.
     """
     transform = identity() if transform is None else transform
     _checks.optax_transform(_INIT, "tx", tx)
     _checks.instance(_INIT, "transform", transform, ParamTransform, "a ParamTransform")
     _checks.key(_INIT, "key", key)
+    for path, leaf in select.leaves_with_paths(params):
+        if not _inexact(leaf):
+            raise TypeError(
+                f"{_INIT}: params {select.describe(path, leaf)} is not floating point; every "
+                "params leaf is trained by jax.grad, which needs float leaves (keep integer or "
+                "boolean variables in model_state)"
+            )
     transform_state = transform.init(params)
     params = transform.constrain(params, transform_state)
     state = TrainState(
@@ -96,3 +114,52 @@ def init_train_state(
         rng=key,
     )
     return jax.tree.map(jnp.copy, state)
+
+
+def _signature(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+    return tuple(jnp.shape(leaf)), np.dtype(leaf.dtype)
+
+
+def _param_leaf(opt_path: str, trainable: Any) -> str:
+    """`` (params leaf '...' ...)`` for the trained leaf an optimizer-state path mirrors."""
+    found = [
+        (path, leaf)
+        for path, leaf in select.leaves_with_paths(trainable)
+        if opt_path == path or opt_path.endswith("/" + path)
+    ]
+    if not found:
+        return ""
+    return f" (params {select.describe(*max(found, key=lambda pl: len(pl[0])))})"
+
+
+def check_opt_state(fn_name: str, tx: optax.GradientTransformation, trainable: Any, opt_state: Any):
+    """Raises ``ValueError`` unless ``opt_state`` has the paths, shapes and dtypes of
+    ``tx.init(trainable)`` (compared abstractly, with :func:`jax.eval_shape`: free at trace time).
+
+    An optax state mirrors the tree it was made for (Adam's ``mu`` and ``nu`` have the params'
+    paths and shapes), so a state whose params were replaced (``state._replace(params=...)``) or
+    whose optimizer state was made on other params or by another ``tx`` fails here, naming the
+    first leaf that differs, instead of inside ``tx.update`` with an anonymous shape error. A
+    ``tx`` whose ``init`` cannot run on abstract values is not checked.
+    """
+    try:
+        expected = jax.eval_shape(tx.init, trainable)
+    except Exception:  # noqa: BLE001 - an init that needs concrete values: nothing to compare
+        return
+    want, got = select.leaves_with_paths(expected), select.leaves_with_paths(opt_state)
+    for i in range(max(len(want), len(got))):
+        w, g = (leaves[i] if i < len(leaves) else None for leaves in (want, got))
+        if w is None or g is None or w[0] != g[0] or _signature(w[1]) != _signature(g[1]):
+            shown = lambda pl: "no leaf" if pl is None else select.describe(*pl)
+            raise ValueError(
+                f"{fn_name}: state.opt_state does not match state.params: tx.init(params) has "
+                f"{shown(w)} where state.opt_state has {shown(g)}"
+                f"{_param_leaf((w or g)[0], trainable)}; make the state with "
+                "init_train_state(params, tx) (state._replace(params=...) keeps the optimizer "
+                "state of the old params)"
+            )
+    if jax.tree.structure(expected) != jax.tree.structure(opt_state):
+        raise ValueError(
+            f"{fn_name}: state.opt_state does not match tx.init(params): same leaves, but the "
+            f"tree is {jax.tree.structure(opt_state)}, expected {jax.tree.structure(expected)}"
+        )

@@ -4,11 +4,11 @@
 the state's buffers donated, that runs, for step ``t = state.step``::
 
     key_t = fold_in(state.rng, t); augment_key, model_key = split(key_t)
-    images, labels = augment(augment_key, batch["image"], batch["label"])   # optional
-    images = preprocess(images)                                             # optional
+    x, labels = augment(augment_key, batch["image"], batch["label"])        # optional
+    x = preprocess(x)                                                       # optional
     view = transform.apply(params, transform_state)       # the compressed forward view
-    logits, model_state = apply_fn(view, model_state, images, train=True, key=model_key)
-    grads = grad(mean(loss(logits, labels)))(params)      # through the STEs to stored params
+    logits, model_state = apply_fn(view, model_state, x, train=True, key=model_key)
+    grads = grad(weighted_mean(loss(logits, labels), batch.get("weight")))(params)   # STEs
     updates, opt_state = tx.update(grads, opt_state, params)   # any optax tx, e.g. delayed(...)
     params = transform.constrain(params + updates, transform_state)   # wrap_optax semantics
     transform_state = transform.update(params, transform_state, t, grads=grads)
@@ -22,6 +22,23 @@ the current masks. With ``steps_per_call=K`` the step runs ``K`` of these per di
 ``lax.scan`` over a stacked batch ``(K, B, ...)`` (:func:`mixjax.data.stacked_batches`) and
 returns metrics of shape ``(K,)``; nothing is fetched to the host inside the step, so a training
 loop that keeps the metric arrays and reads them once per epoch never waits on the device.
+
+A batch is a dict (:data:`BATCH_KEYS`; other keys are ignored):
+
+* the model input under exactly one of :data:`INPUT_KEYS`: ``"image"`` for images ``(B, H, W,
+  C)`` (what :func:`mixjax.data.batches` yields), ``"tokens"`` for token ids ``(B, L)``; the
+  step treats both the same (``augment`` and ``preprocess`` get it), the name says what it is;
+* ``"label"``: integer ids of the logits' leading dims, ``(B,)`` for ``(B, C)`` logits or
+  ``(B, L)`` for next-token logits ``(B, L, V)`` (the tokens shifted by one: ``tokens =
+  text[i : i + L]``, ``label = text[i + 1 : i + L + 1]``; the step does not shift), or soft
+  labels ``(..., V)``;
+* optionally ``"weight"``: a per-position weight or padding mask of the labels' leading dims
+  (float, integer or bool; or a prefix of them, e.g. ``(B,)`` per sequence); the loss and the
+  metrics are then weighted means, ``sum(w * loss) / max(sum(w), EPS)``
+  (:func:`mixjax.train.weighted_mean`), and positions of weight 0 do not count at all.
+
+The metrics (:func:`mixjax.train.metrics`) are float32 ``"loss"`` and ``"accuracy"``, plus
+``"perplexity"`` (``exp(loss)``) for sequence tasks, logits with more than one leading dim.
 
 The model is any function with the signature of :class:`mixjax.train.ApplyFn`
 (:func:`mixjax.train.linen_apply`, :func:`mixjax.train.nnx_apply`). The step is a
@@ -52,15 +69,28 @@ from jax import lax
 from mixjax import _checks
 from mixjax.core import ParamTransform, identity, learned_state, with_learned_state
 from mixjax.train.apply import ApplyFn
-from mixjax.train.losses import metrics, softmax_cross_entropy
-from mixjax.train.state import TrainState
+from mixjax.train.losses import check_labels, metrics, softmax_cross_entropy, weighted_mean
+from mixjax.train.state import TrainState, check_opt_state, trained
 
-__all__ = ["BATCH_KEYS", "Step", "TrainStep", "make_eval_step", "make_train_step"]
+__all__ = [
+    "BATCH_KEYS",
+    "INPUT_KEYS",
+    "Step",
+    "TrainStep",
+    "make_eval_step",
+    "make_train_step",
+]
 
 _STEP = "mixjax.train.make_train_step"
 _EVAL = "mixjax.train.make_eval_step"
 _STATE = "a mixjax.train.TrainState (from init_train_state)"
-BATCH_KEYS = ("image", "label")
+INPUT_KEYS = ("image", "tokens")
+"""The keys a batch may hold its model input under (exactly one): images, or token ids."""
+LABEL_KEY = "label"
+WEIGHT_KEY = "weight"
+BATCH_KEYS = (*INPUT_KEYS, LABEL_KEY, WEIGHT_KEY)
+"""Every key the steps read: the input (one of :data:`INPUT_KEYS`), ``"label"`` and the
+optional ``"weight"``; other keys of a batch are ignored."""
 Step = Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
 
 
@@ -71,8 +101,12 @@ class TrainStep:
     Attributes:
       pure: the step as a pure, un-jitted function of ``(state, batch)``, for wrappers that
         map or re-jit it (:func:`mixjax.parallel.data_parallel`, ``shard_map``, ``pmap``).
-      jitted: ``jax.jit(pure)``, the state's buffers donated when ``donate``; calling the
-        :class:`TrainStep` calls it.
+      jitted: ``jax.jit(pure)``, the state's buffers donated when ``donate``, that first
+        checks (while tracing) that ``state.opt_state`` matches ``tx.init`` of the state's
+        params (:func:`check_opt_state`); calling the :class:`TrainStep` calls it. ``pure``
+        skips that check: inside ``shard_map`` a replica's optimizer state may hold its own
+        block of a split array (:func:`mixjax.delay.replica_delayed`), not what ``tx.init``
+        of the replicated params gives.
       apply_fn: the model the step was built with (a :func:`mixjax.parallel.replica_apply`
         model averages its gradients over the replicas).
       steps_per_call: ``K``, the steps per call (``K > 1``: a stacked ``(K, B, ...)`` batch).
@@ -100,33 +134,99 @@ def _check_model(fn_name, apply_fn, transform, preprocess, loss):
     _checks.callable_or_none(fn_name, "loss", loss, optional=False)
 
 
-def _check_batch(fn_name: str, batch: Any, steps_per_call: int) -> None:
-    """Static checks of a batch's keys and shapes (at trace time, so free on later calls)."""
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(jnp.shape(x))
+
+
+def _check_batch(fn_name: str, batch: Any, steps_per_call: int) -> str:
+    """Static checks of a batch's keys, shapes and weight dtype (at trace time, so free on
+    later calls); returns the input key, ``"image"`` or ``"tokens"``."""
     if not isinstance(batch, Mapping):
         raise TypeError(
-            f"{fn_name}: batch must be a dict with keys {BATCH_KEYS}, got {type(batch).__name__}"
+            f"{fn_name}: batch must be a dict with keys {BATCH_KEYS} (the input under 'image' "
+            f"or 'tokens', 'label', optionally 'weight'), got {type(batch).__name__}"
         )
-    missing = [k for k in BATCH_KEYS if k not in batch]
+    inputs = [k for k in INPUT_KEYS if k in batch]
+    missing = ([] if inputs else [" or ".join(map(repr, INPUT_KEYS))]) + (
+        [] if LABEL_KEY in batch else [repr(LABEL_KEY)]
+    )
     if missing:
         raise ValueError(
-            f"{fn_name}: batch is missing key(s) {missing}; expected {BATCH_KEYS}, "
-            f"got {sorted(batch)}"
+            f"{fn_name}: batch is missing key(s) [{', '.join(missing)}]; a batch holds the model "
+            f"input under 'image' (images) or 'tokens' (token ids), the targets under 'label' "
+            f"and optionally a per-position 'weight', got {sorted(batch)}"
         )
-    images, labels = (jnp.shape(batch[k]) for k in BATCH_KEYS)
+    if len(inputs) > 1:
+        raise ValueError(
+            f"{fn_name}: batch has both 'image' {_shape(batch['image'])} and 'tokens' "
+            f"{_shape(batch['tokens'])}; the model input must be under exactly one of them"
+        )
+    used = [inputs[0], LABEL_KEY] + ([WEIGHT_KEY] if WEIGHT_KEY in batch else [])
     lead = 1 if steps_per_call > 1 else 0
     if steps_per_call > 1:
-        for k, shape in zip(BATCH_KEYS, (images, labels), strict=True):
+        for k in used:
+            shape = _shape(batch[k])
             if not shape or shape[0] != steps_per_call:
                 raise ValueError(
                     f"{fn_name}: steps_per_call={steps_per_call} needs a stacked batch "
                     f"(steps_per_call, B, ...) (see mixjax.data.stacked_batches), got "
                     f"batch[{k!r}] of shape {shape}"
                 )
-    if len(images) <= lead or len(labels) <= lead or images[lead] != labels[lead]:
+    x, labels = _shape(batch[inputs[0]]), _shape(batch[LABEL_KEY])
+    if len(x) <= lead or len(labels) <= lead or x[lead] != labels[lead]:
         raise ValueError(
-            f"{fn_name}: batch['image'] {images} and batch['label'] {labels} must have the "
+            f"{fn_name}: batch[{inputs[0]!r}] {x} and batch['label'] {labels} must have the "
             f"same batch size on axis {lead}"
         )
+    if WEIGHT_KEY in batch:
+        weight = batch[WEIGHT_KEY]
+        dtype = jnp.result_type(weight)
+        if not (
+            jnp.issubdtype(dtype, jnp.floating)
+            or jnp.issubdtype(dtype, jnp.integer)
+            or jnp.issubdtype(dtype, jnp.bool_)
+        ):
+            raise TypeError(
+                f"{fn_name}: batch['weight'] must be a float, integer or bool array (a "
+                f"per-position weight or padding mask), got {dtype} {_shape(weight)}"
+            )
+        if len(_shape(weight)) <= lead or _shape(weight)[lead] != labels[lead]:
+            raise ValueError(
+                f"{fn_name}: batch['weight'] {_shape(weight)} must have the shape of the "
+                f"per-position losses (batch['label'] {labels}), batch size on axis {lead}"
+            )
+    return inputs[0]
+
+
+def _check_weight(fn_name: str, weight: Any, per_example: Any, labels: Any, logits: Any):
+    """The weight must have the per-position losses' shape (or a prefix of it)."""
+    shape, losses = _shape(weight), _shape(per_example)
+    if not (len(shape) <= len(losses) and losses[: len(shape)] == shape):
+        raise ValueError(
+            f"{fn_name}: batch['weight'] {shape} must have the shape of the per-position "
+            f"losses {losses} (batch['label'] {jnp.result_type(labels)} {_shape(labels)}, "
+            f"logits {_shape(logits)}), or a prefix of it"
+        )
+
+
+def _select(batch: Mapping[str, Any], input_key: str) -> dict[str, Any]:
+    """The arrays the step reads: ``{"input", "label"[, "weight"]}`` (other keys dropped)."""
+    out = {"input": batch[input_key], LABEL_KEY: batch[LABEL_KEY]}
+    if WEIGHT_KEY in batch:
+        out[WEIGHT_KEY] = batch[WEIGHT_KEY]
+    return out
+
+
+def _compute_loss(fn_name, loss, logits, labels, weight, *, augmented: bool):
+    """``(mean loss, per-position losses)``, the labels and weight checked against the logits
+    (the built-in loss's labels named as the batch's key)."""
+    if loss is softmax_cross_entropy:
+        name = "batch['label'] (after augment)" if augmented else "batch['label']"
+        check_labels(fn_name, logits, labels, name=name)
+    per_example = loss(logits, labels)
+    if weight is not None:
+        _check_weight(fn_name, weight, per_example, labels, logits)
+    return weighted_mean(per_example, weight), per_example
 
 
 def make_train_step(
@@ -148,12 +248,13 @@ def make_train_step(
         ``update`` gets ``(grads, opt_state, params)``. The state must come from
         :func:`init_train_state` with the same ``tx`` and ``transform``.
       transform: the compression transform (default :func:`mixjax.identity`).
-      augment: ``augment(key, images, labels) -> (images, labels)``, e.g.
-        ``mixjax.augment.chain(...)``; label-mixing ops return ``(B, C)`` soft labels.
-      preprocess: ``images -> images`` after augmentation, in train and eval, e.g.
+      augment: ``augment(key, x, labels) -> (x, labels)`` of the batch's input and labels,
+        e.g. ``mixjax.augment.chain(...)``; label-mixing ops return ``(B, C)`` soft labels.
+      preprocess: ``x -> x`` after augmentation, in train and eval, e.g.
         ``mixjax.data.normalize``.
-      loss: ``(logits, labels) -> (B,)`` per-example losses (default
-        :func:`softmax_cross_entropy`); the step minimizes their mean.
+      loss: ``(logits, labels) -> per-position losses`` (default
+        :func:`softmax_cross_entropy`: ``(...)`` for ``(..., V)`` logits); the step minimizes
+        their mean, weighted by ``batch["weight"]`` where the batch has one.
       steps_per_call: ``K >= 1`` steps per call. ``K = 1``: ``batch`` holds ``(B, ...)``
         arrays and metrics are scalars. ``K > 1``: ``batch`` holds ``(K, B, ...)`` arrays, step
         ``k`` uses ``batch[...][k]``, metrics have shape ``(K,)``; the result equals ``K``
@@ -163,17 +264,25 @@ def make_train_step(
 
     Returns:
       A :class:`TrainStep`, ``step(state, batch) -> (state, metrics)``, jitted, with ``batch``
-      a dict with keys ``"image"`` and ``"label"`` (as :func:`mixjax.data.batches` yields) and
-      ``metrics`` a dict of float32 ``"loss"`` (mean loss before the update) and
-      ``"accuracy"`` (of the training forward pass, against the argmax of soft labels).
+      a dict as the module docstring says (``"image"`` or ``"tokens"``, ``"label"``,
+      optionally ``"weight"``) and ``metrics`` a dict of float32 ``"loss"`` (the weighted mean
+      loss before the update), ``"accuracy"`` (of the training forward pass, against the
+      argmax of soft labels) and, for sequence tasks, ``"perplexity"`` (``exp(loss)``).
 
     Raises:
       TypeError (here): a non-callable ``apply_fn``/``augment``/``preprocess``/``loss``, a bad
         ``tx`` or ``transform``, a non-bool ``donate``.
       TypeError / ValueError (here): ``steps_per_call`` not an integer ``>= 1``.
       TypeError / ValueError (first call, while tracing): a state that is not a
-        :class:`TrainState`; a batch without ``"image"``/``"label"``, or whose leading axis is
-        not ``steps_per_call`` (for ``K > 1``), or whose images and labels differ in batch size.
+        :class:`TrainState`; a batch without an input (``"image"`` or ``"tokens"``) or
+        ``"label"``, with both inputs, whose leading axis is not ``steps_per_call`` (for
+        ``K > 1``), or whose input, labels and weight differ in batch size; a weight that is
+        not float, integer or bool, or whose shape is not the per-position losses' (or a
+        prefix of it); with the built-in loss, labels that do not fit the model's logits
+        (named ``batch['label']``); an optimizer state that does not mirror the state's params
+        (:func:`check_opt_state`: params replaced, or an ``opt_state`` made on other params or
+        by another ``tx``). Label *values* are traced, so ids outside ``[0, V)`` cannot be
+        caught here: they make the loss NaN (:func:`softmax_cross_entropy`), unless weighted 0.
     """
     transform = identity() if transform is None else transform
     _check_model(_STEP, apply_fn, transform, preprocess, loss)
@@ -185,11 +294,11 @@ def make_train_step(
     def one_step(state, batch):
         t = state.step
         augment_key, model_key = jax.random.split(jax.random.fold_in(state.rng, t))
-        images, labels = batch["image"], batch["label"]
+        inputs, labels, weight = batch["input"], batch[LABEL_KEY], batch.get(WEIGHT_KEY)
         if augment is not None:
-            images, labels = augment(augment_key, images, labels)
+            inputs, labels = augment(augment_key, inputs, labels)
         if preprocess is not None:
-            images = preprocess(images)
+            inputs = preprocess(inputs)
 
         # The optimizer trains the params and, where the transform has any, its learned state.
         learned = learned_state(state.transform_state)
@@ -200,10 +309,12 @@ def make_train_step(
             transform_state = with_learned_state(state.transform_state, new_learned)
             view = transform.apply(params, transform_state)
             logits, model_state = apply_fn(
-                view, state.model_state, images, train=True, key=model_key
+                view, state.model_state, inputs, train=True, key=model_key
             )
-            per_example = loss(logits, labels)
-            return jnp.mean(per_example), (logits, per_example, model_state)
+            mean, per_example = _compute_loss(
+                _STEP, loss, logits, labels, weight, augmented=augment is not None
+            )
+            return mean, (logits, per_example, model_state)
 
         trainable = (state.params, learned) if learns else state.params
         grads, (logits, per_example, model_state) = jax.grad(objective, has_aux=True)(trainable)
@@ -224,17 +335,21 @@ def make_train_step(
             model_state=model_state,
             rng=state.rng,
         )
-        return new_state, metrics(logits, labels, per_example)
+        return new_state, metrics(logits, labels, per_example, weight)
 
     def step(state, batch):
         _checks.instance(_STEP, "state", state, TrainState, _STATE)
-        _check_batch(_STEP, batch, steps_per_call)
-        batch = {k: batch[k] for k in BATCH_KEYS}
+        batch = _select(batch, _check_batch(_STEP, batch, steps_per_call))
         if steps_per_call == 1:
             return one_step(state, batch)
         return lax.scan(one_step, state, batch)
 
-    jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+    def checked_step(state, batch):
+        _checks.instance(_STEP, "state", state, TrainState, _STATE)
+        check_opt_state(_STEP, tx, trained(state.params, state.transform_state), state.opt_state)
+        return step(state, batch)
+
+    jitted = jax.jit(checked_step, donate_argnums=(0,) if donate else ())
     return TrainStep(step, jitted, apply_fn, steps_per_call, donate)
 
 
@@ -252,29 +367,32 @@ def make_eval_step(
     Args:
       apply_fn: the model (:class:`ApplyFn`).
       transform: the compression transform of the training run (default identity).
-      preprocess: ``images -> images``, as in training.
-      loss: ``(logits, labels) -> (B,)`` per-example losses.
+      preprocess: ``x -> x``, as in training.
+      loss: ``(logits, labels) -> per-position losses``, as in training.
 
     Returns:
-      ``eval_step(state, batch) -> {"loss", "accuracy"}``: float32 means over the ``(B, ...)``
-      batch (weight them by batch size to combine batches of different sizes).
+      ``eval_step(state, batch) -> {"loss", "accuracy"[, "perplexity"]}``: float32 means over
+      the batch's positions, weighted by ``batch["weight"]`` where it has one (the batch as in
+      :func:`make_train_step`). To combine batches, weight each batch's loss by its total
+      weight (its number of examples, or ``sum(batch["weight"])``) and take ``exp`` of the
+      combined loss for the perplexity.
 
     Raises:
-      TypeError: as :func:`make_train_step` (here, or for the state and batch at the first call).
-      ValueError: a batch without ``"image"``/``"label"`` (at the first call).
+      TypeError / ValueError: as :func:`make_train_step` (here, or for the state and batch at
+        the first call).
     """
     transform = identity() if transform is None else transform
     _check_model(_EVAL, apply_fn, transform, preprocess, loss)
 
     def eval_step(state, batch):
         _checks.instance(_EVAL, "state", state, TrainState, _STATE)
-        _check_batch(_EVAL, batch, 1)
-        images, labels = batch["image"], batch["label"]
+        batch = _select(batch, _check_batch(_EVAL, batch, 1))
+        inputs, labels, weight = batch["input"], batch[LABEL_KEY], batch.get(WEIGHT_KEY)
         if preprocess is not None:
-            images = preprocess(images)
+            inputs = preprocess(inputs)
         view = transform.apply(state.params, state.transform_state)
-        logits, _ = apply_fn(view, state.model_state, images, train=False, key=state.rng)
-        per_example = loss(logits, labels)
-        return metrics(logits, labels, per_example)
+        logits, _ = apply_fn(view, state.model_state, inputs, train=False, key=state.rng)
+        _, per_example = _compute_loss(_EVAL, loss, logits, labels, weight, augmented=False)
+        return metrics(logits, labels, per_example, weight)
 
     return jax.jit(eval_step)
