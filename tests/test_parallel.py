@@ -343,10 +343,19 @@ def bn_setup(setup):
     synced = models.ResNet20(4, width=2, axis_name=SYNC)
     plain = models.ResNet20(4, width=2)
     batches = setup["batches"][:2]
-    variables = numpy_init(plain, batches[0]["image"][:1])
+    init, make = bn_steps(numpy_init(plain, batches[0]["image"][:1]))
+    reference = run_bn(make(plain), init(), batches)
+    return types.SimpleNamespace(
+        synced=synced, plain=plain, batches=batches, init=init, make=make, reference=reference
+    )
+
+
+def bn_steps(variables):
+    """``(init, make)``: a fresh SGD state of ``variables`` (with their batch_stats), and the
+    train step of a module (its per-replica gradient mean over ``replica_axis``, if given)."""
     tx = optax.sgd(0.1)
 
-    def init(variables=variables):
+    def init():
         stats = {"batch_stats": variables["batch_stats"]}
         return train.init_train_state(
             variables["params"], tx, key=jax.random.key(1), model_state=stats
@@ -358,10 +367,7 @@ def bn_setup(setup):
             apply_fn = parallel.replica_apply(apply_fn, replica_axis)
         return train.make_train_step(apply_fn, tx)
 
-    reference = run_bn(make(plain), init(), batches)
-    return types.SimpleNamespace(
-        synced=synced, plain=plain, batches=batches, init=init, make=make, reference=reference
-    )
+    return init, make
 
 
 def run_bn(step, state, batches):
@@ -404,21 +410,7 @@ def test_shard_map_cross_replica_batchnorm_equals_the_global_batch(bn_setup):
 @pytest.fixture(scope="module")
 def norm_net(setup):
     batches = setup["batches"][:2]
-    variables = NormNet().init(jax.random.key(0), batches[0]["image"][:1], False)
-    tx = optax.sgd(0.1)
-
-    def init():
-        stats = {"batch_stats": variables["batch_stats"]}
-        return train.init_train_state(
-            variables["params"], tx, key=jax.random.key(1), model_state=stats
-        )
-
-    def make(module, replica_axis=None):
-        apply_fn = train.linen_apply(module, train_kwarg="train")
-        if replica_axis is not None:
-            apply_fn = parallel.replica_apply(apply_fn, replica_axis)
-        return train.make_train_step(apply_fn, tx)
-
+    init, make = bn_steps(NormNet().init(jax.random.key(0), batches[0]["image"][:1], False))
     reference = run_bn(make(NormNet()), init(), batches)
     return types.SimpleNamespace(batches=batches, init=init, make=make, reference=reference)
 
