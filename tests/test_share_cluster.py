@@ -4,6 +4,7 @@ Both kernels have the same size, so each clustering configuration compiles one k
 (same-size leaves are clustered together), and most tests share those programs.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import optax
 import pytest
 
 import mixjax
-from mixjax import prune, quant, share
+from mixjax import layout, prune, quant, share
 from mixjax.core import EmptyState, ParamTransform
 from mixjax.share import kmeans
 
@@ -447,3 +448,27 @@ def test_under_jit_non_finite_weights_stay_put_and_do_not_spread(mode, bad):
     expected = np.asarray(fit.centroids)[np.asarray(fit.assignments)]
     np.testing.assert_allclose(view[finite], expected, rtol=1e-6, atol=1e-7)
     assert np.unique(view[finite]).size == K
+
+
+@pytest.mark.parametrize("mode", ["fixed", "reassign"])
+def test_per_channel_with_layouts_clusters_each_output_feature(mode):
+    """A query kernel (embed, heads, head_dim): its output features are (head, head_dim) pairs
+    (mixjax.layout), each clustered on its own along embed -- not one head_dim slot of every
+    head at once, as the last-axis convention would."""
+    attention = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32)
+    x = jnp.zeros((1, 3, 16))
+    params = attention.init(jax.random.key(0), x, x)["params"]
+    params = jax.tree.map(lambda w: jax.random.normal(jax.random.key(w.size), w.shape), params)
+    layouts = layout.learn(lambda p, x: attention.apply({"params": p}, x, x), params, x)
+    t = share.cluster(3, per_channel=True, mode=mode, layouts=layouts, preserve_sparsity=False)
+    view = t.apply(params, t.init(params))
+    query = np.asarray(view["query"]["kernel"])  # (16, 4, 8)
+    distinct = [len(np.unique(query[:, h, d])) for h in range(4) for d in range(8)]
+    assert max(distinct) <= 3 and min(distinct) >= 2
+    # Across one head_dim slot of all heads (what the convention groups) there are more values.
+    assert len(np.unique(query[:, :, 0])) > 3
+    out = np.asarray(view["out"]["kernel"])  # (heads, head_dim, embed): features on embed
+    assert max(len(np.unique(out[:, :, e])) for e in range(16)) <= 3
+    jitted = jax.jit(t.apply)(params, jax.jit(t.init)(params))
+    for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(view), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -41,14 +41,16 @@ keeps at most ``num_clusters`` values per leaf even when pruning zeroes more wei
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mixjax import _checks, select
+from mixjax import layout as layout_lib
 from mixjax.core import Params, ParamTransform, multiples_of, never, update_when_due
+from mixjax.layout import Layout
 from mixjax.share import kmeans
 from mixjax.share.tying import straight_through, tie
 
@@ -77,15 +79,24 @@ class ClusterState(NamedTuple):
     centroids: Params
 
 
-def _to_groups(x: jax.Array, per_channel: bool) -> jax.Array:
-    """Leaf ``(..., C)`` -> ``(C, n)`` per channel, or ``(1, size)``."""
+def _to_groups(x: jax.Array, per_channel: bool, layout: Layout | None = None) -> jax.Array:
+    """Leaf -> ``(C, n)`` per output feature (the last axis, or the layout's output axes), or
+    ``(1, size)``."""
     if per_channel:
-        return x.reshape(-1, x.shape[-1]).T
+        view = x if layout is None else layout_lib.to_matrix(x, layout)
+        return view.reshape(-1, view.shape[-1]).T
     return x.reshape(1, -1)
 
 
-def _from_groups(groups: jax.Array, shape: tuple[int, ...], per_channel: bool) -> jax.Array:
-    return (groups.T if per_channel else groups).reshape(shape)
+def _from_groups(
+    groups: jax.Array, shape: tuple[int, ...], per_channel: bool, layout: Layout | None = None
+) -> jax.Array:
+    if not per_channel:
+        return groups.reshape(shape)
+    if layout is None:
+        return groups.T.reshape(shape)
+    view = groups.T.reshape(layout_lib.matrix_shape(shape, layout))
+    return layout_lib.from_matrix(view, layout, shape)
 
 
 def _live(x: jax.Array, preserve_sparsity: bool) -> jax.Array:
@@ -97,23 +108,26 @@ def _live(x: jax.Array, preserve_sparsity: bool) -> jax.Array:
 # Non-finite weights (which eager ``init``/``update`` refuse, but a traced one cannot) take no
 # part in a fit or a cluster mean and pass through both views unchanged: NaN/Inf stays where the
 # input holds it and does not spread to the cluster.
-@functools.partial(jax.jit, static_argnames=("free", "per_channel", "preserve_sparsity"))
-def _fixed_view(x, assignments, free, per_channel, preserve_sparsity):
-    channels = x.shape[-1] if per_channel else 1
-    channel = jnp.arange(x.size, dtype=jnp.int32) % channels
+@functools.partial(jax.jit, static_argnames=("free", "per_channel", "preserve_sparsity", "layout"))
+def _fixed_view(x, assignments, free, per_channel, preserve_sparsity, layout=None):
+    # The output feature (group) of every weight, in the leaf's own layout.
+    shape = _to_groups(jnp.zeros(x.shape, jnp.int32), per_channel, layout).shape
+    feature = jnp.broadcast_to(jnp.arange(shape[0], dtype=jnp.int32)[:, None], shape)
+    feature = _from_groups(feature, x.shape, per_channel, layout)
     assignments = assignments.astype(jnp.int32)
-    ids = channel.reshape(x.shape) * free + jnp.minimum(assignments, free - 1)
+    ids = feature * free + jnp.minimum(assignments, free - 1)
     finite = jnp.isfinite(x)
     live = _live(x, preserve_sparsity) & (assignments < free) & finite
-    return jnp.where(finite, tie(x, ids, live, channels * free), x)
+    return jnp.where(finite, tie(x, ids, live, shape[0] * free), x)
 
 
-@functools.partial(jax.jit, static_argnames=("per_channel", "preserve_sparsity"))
-def _reassign_view(x, centroids, per_channel, preserve_sparsity):
-    groups = _to_groups(x.astype(jnp.float32), per_channel)
+@functools.partial(jax.jit, static_argnames=("per_channel", "preserve_sparsity", "layout"))
+def _reassign_view(x, centroids, per_channel, preserve_sparsity, layout=None):
+    groups = _to_groups(x.astype(jnp.float32), per_channel, layout)
     centroids = centroids if per_channel else centroids[None]
     codes = kmeans.assign(groups, centroids)
-    q = _from_groups(jnp.take_along_axis(centroids, codes, axis=-1), x.shape, per_channel)
+    q = jnp.take_along_axis(centroids, codes, axis=-1)
+    q = _from_groups(q, x.shape, per_channel, layout)
     q = jnp.where(_live(x, preserve_sparsity), q, 0.0)
     return jnp.where(jnp.isfinite(x), straight_through(x, q), x)
 
@@ -131,11 +145,12 @@ class _Clustering(NamedTuple):
     index_dtype: type
 
 
-def _fit_leaves(c: _Clustering, key, leaves):
+def _fit_leaves(c: _Clustering, key, leaves, layouts):
     """``(centroids, assignments)`` of each leaf; same-size groups of all leaves fit at once."""
     # float32 before fitting (as the fit computes anyway): one program for every leaf dtype.
-    groups = [_to_groups(x.astype(jnp.float32), c.per_channel) for x in leaves]
-    masks = [_to_groups(_live(x, c.preserve_sparsity), c.per_channel) for x in leaves]
+    pairs = list(zip(leaves, layouts, strict=True))
+    groups = [_to_groups(x.astype(jnp.float32), c.per_channel, lay) for x, lay in pairs]
+    masks = [_to_groups(_live(x, c.preserve_sparsity), c.per_channel, lay) for x, lay in pairs]
     fitted = [m & jnp.isfinite(g) for m, g in zip(masks, groups, strict=True)]
     by_size: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
@@ -157,17 +172,18 @@ def _fit_leaves(c: _Clustering, key, leaves):
             lo, hi = offsets[j], offsets[j + 1]
             assignments = jnp.where(~masks[i], c.free, fit.assignments[lo:hi])
             assignments = _from_groups(
-                assignments.astype(c.index_dtype), leaves[i].shape, c.per_channel
+                assignments.astype(c.index_dtype), leaves[i].shape, c.per_channel, layouts[i]
             )
             centroids = fit.centroids[lo:hi] if c.per_channel else fit.centroids[lo]
             results[i] = (centroids, assignments)
     return results
 
 
-def _cluster_tree(c: _Clustering, key, params, chosen) -> ClusterState:
+def _cluster_tree(c: _Clustering, key, params, chosen, layouts) -> ClusterState:
     flat, treedef = jax.tree_util.tree_flatten(params)
     hits = jax.tree_util.tree_leaves(chosen)
-    results = iter(_fit_leaves(c, key, [x for x, hit in zip(flat, hits, strict=True) if hit]))
+    picked = [i for i, hit in enumerate(hits) if hit]
+    results = iter(_fit_leaves(c, key, [flat[i] for i in picked], [layouts[i] for i in picked]))
     assignments, centroids = [], []
     for hit in hits:
         cents, assigned = next(results) if hit else (None, None)
@@ -176,20 +192,19 @@ def _cluster_tree(c: _Clustering, key, params, chosen) -> ClusterState:
     return ClusterState(treedef.unflatten(assignments), treedef.unflatten(centroids))
 
 
-def _view(c: _Clustering, params, state: ClusterState):
-    if c.fixed:
-        return jax.tree.map(
-            lambda x, a: (
-                x if a is None else _fixed_view(x, a, c.free, c.per_channel, c.preserve_sparsity)
-            ),
-            params,
-            state.assignments,
-        )
-    return jax.tree.map(
-        lambda x, m: x if m is None else _reassign_view(x, m, c.per_channel, c.preserve_sparsity),
-        params,
-        state.centroids,
-    )
+def _view(c: _Clustering, params, state: ClusterState, layouts):
+    flat, treedef = jax.tree_util.tree_flatten(params)
+    fields = treedef.flatten_up_to(state.assignments if c.fixed else state.centroids)
+    view = c.per_channel, c.preserve_sparsity
+    out = [
+        x
+        if f is None
+        else _fixed_view(x, f, c.free, *view, layout)
+        if c.fixed
+        else _reassign_view(x, f, *view, layout)
+        for x, f, layout in zip(flat, fields, layouts, strict=True)
+    ]
+    return treedef.unflatten(out)
 
 
 def cluster(
@@ -204,6 +219,7 @@ def cluster(
     bins: int = kmeans.DEFAULT_BINS,
     key: jax.Array | None = None,
     where: select.Where = None,
+    layouts: Any = None,
 ) -> ParamTransform:
     """Weight clustering: at most ``num_clusters`` distinct values per leaf (or output channel).
 
@@ -213,7 +229,8 @@ def cluster(
       num_clusters: ``K >= 2``, the number of distinct values per leaf / channel (zero included
         when ``preserve_sparsity``); at most the number of weights per leaf / channel.
       init: centroid initialization, one of :data:`mixjax.share.kmeans.INITS`.
-      per_channel: cluster each output channel (last axis of the kernel) separately.
+      per_channel: cluster each output channel (last axis of the kernel, or with ``layouts``
+        each output feature over all its output axes) separately.
       mode: ``"fixed"`` (Deep Compression: fixed assignments, trained centroids) or
         ``"reassign"`` (TFMOT: nearest centroid at every forward, straight-through gradient).
       preserve_sparsity: keep zeros of the input view exactly zero; zero is a pinned centroid.
@@ -225,7 +242,10 @@ def cluster(
         (:func:`mixjax.share.kmeans.fit`).
       key: ``jax.random`` key, required by ``init="kmeans++"`` and ``"random"``; each leaf and
         each re-clustering step get a key folded from it.
-      where: which leaves to cluster (:mod:`mixjax.select`; default: float kernels, ndim >= 2).
+      where: which leaves to cluster (:mod:`mixjax.select`; default: float kernels, ndim >= 2;
+        with ``layouts``: the kernels a matmul or convolution consumes, not embedding tables).
+      layouts: the params' layouts (:func:`mixjax.layout.learn`), which say where each kernel's
+        output features are (used with ``per_channel``).
 
     Returns:
       A :class:`~mixjax.ParamTransform` whose state is a :class:`ClusterState`.
@@ -261,8 +281,19 @@ def cluster(
     )
     due = never if update_every is None else multiples_of(update_every)
 
-    def check_leaf(path, leaf):
-        per_group = leaf.size // leaf.shape[-1] if (per_channel and leaf.ndim) else leaf.size
+    def check_leaf(path, leaf, found):
+        layout = None if found is None else found[path]
+        if per_channel and found is not None and layout is None:
+            raise ValueError(
+                f"{name}: {select.describe(path, leaf)} is selected by where= but no matmul, "
+                "convolution or table lookup consumes it, so it has no output features for "
+                "per_channel=True"
+            )
+        per_group = (
+            leaf.size // _to_groups(jnp.zeros(leaf.shape), True, layout).shape[0]
+            if (per_channel and leaf.ndim)
+            else leaf.size
+        )
         if per_group < k:
             unit = "output channel" if per_channel else "leaf"
             raise ValueError(
@@ -277,9 +308,20 @@ def cluster(
                     "(NaN/Inf); k-means needs finite weights"
                 )
 
+    def flat(params):
+        found = layout_lib.by_path(name, params, layouts)
+        paths = [p for p, _ in select.leaves_with_paths(params)]
+        return found, [None if found is None or not per_channel else found[p] for p in paths]
+
     def selected(params):
-        chosen = select.selection(name, params, where)
-        select.mirror(check_leaf, params, chosen)
+        found, _ = flat(params)
+        default = where
+        if found is not None and where is None:
+            default = lambda p, leaf: (  # noqa: E731
+                select.is_floating(leaf) and getattr(found[p], "kind", None) in ("dense", "conv")
+            )
+        chosen = select.selection(name, params, default)
+        select.mirror(lambda p, leaf: check_leaf(p, leaf, found), params, chosen)
         return chosen
 
     def apply_fn(params, state):
@@ -288,16 +330,19 @@ def cluster(
             select.check_mirror_shapes(name, params, state.assignments, "assignments")
         else:
             select.check_mirror(name, params, state.centroids, "centroids")
-        return _view(c, params, state)
+        return _view(c, params, state, flat(params)[1])
 
     def update_fn(params, state, step, **extra):
         del extra
         step_key = None if key is None else jax.random.fold_in(key, step)
-        refresh = lambda: _cluster_tree(c, step_key, params, selected(params))
+        refresh = lambda: _cluster_tree(c, step_key, params, selected(params), flat(params)[1])
         return update_when_due(due, step, refresh, state)
 
     return ParamTransform(
-        lambda params: _cluster_tree(c, key, params, selected(params)), apply_fn, update_fn, due=due
+        lambda params: _cluster_tree(c, key, params, selected(params), flat(params)[1]),
+        apply_fn,
+        update_fn,
+        due=due,
     )
 
 
