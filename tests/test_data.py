@@ -229,6 +229,11 @@ def test_bad_num_classes_argument(tmp_path, value, error):
     "source, error, match",
     [
         ("foo:bar", ValueError, "unknown source scheme 'foo'"),
+        (
+            "text:a.txt",
+            ValueError,
+            "is text, not an image dataset; read it with mixjax.data.load_text",
+        ),
         ("", TypeError, "source must be a non-empty str"),
         (3, TypeError, "source must be a non-empty str, got 3"),
     ],

@@ -130,6 +130,11 @@ def load(
     )
     scheme, colon, location = source.partition(":")
     if colon:
+        if scheme == "text":
+            raise ValueError(
+                f"{_LOAD}: {source!r} is text, not an image dataset; read it with "
+                "mixjax.data.load_text (token splits 'train' and 'val')"
+            )
         if scheme not in ("idx", "npz"):
             raise ValueError(
                 f"{_LOAD}: unknown source scheme {scheme!r} in {source!r}; expected "
