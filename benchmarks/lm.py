@@ -1,0 +1,160 @@
+"""GPT-tiny on tiny-shakespeare (characters): dense, 2:4-pruned, int8 and int4 weights.
+
+Usage::
+
+    python benchmarks/lm.py [--quick] [--steps 5000] [--data ../shared/data/tinyshakespeare.txt]
+
+Reads ``tinyshakespeare.txt`` from ``../shared/data`` (says so and stops when it is missing) with
+:func:`mixjax.data.load_text` (65 characters, the last 10 % as validation) and trains
+:class:`mixjax.models.GPTTiny` at nanoGPT's CPU size (4 layers x 4 heads x 128, context 64,
+batch 12, AdamW 1e-3 cosine-decayed, no dropout) with :func:`mixjax.train.make_train_step`
+(``steps_per_call=50``). nanoGPT reports a validation loss of about 1.88 at this size; the goal
+is <= 1.88 in <= 10 minutes on 2 CPU cores. Then:
+
+* ``2:4``: kernels pruned 2:4 along their true contraction axes (:func:`mixjax.layout.learn`,
+  ``prune.magnitude(None, structure=NM(2, 4), layouts=...)``; the tied embedding is left
+  dense, as the layout-based default selection does), fine-tuned for a quarter of the steps;
+* ``2:4 + int8`` and ``2:4 + int4``: the pruned model's kernels fake-quantized per output feature
+  (``quant.fake_quant(bits, layouts=...)``, post-training), exported with
+  :func:`mixjax.export.compress` (the bytes are the artifact's, embedding included). int4 is
+  per output feature, not yet group-wise (g32).
+
+The fine-tuned rows train ``steps // 4`` more steps than the dense one, so their loss mixes the
+cost of the sparsity with the gain of the extra training.
+
+Validation loss is the exact mean over the whole validation split
+(:func:`mixjax.data.lm_eval_batches`). Prints one table and writes ``results/lm.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import mixjax
+from mixjax import data, export, layout, models, prune, quant, train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")
+CONTEXT, BATCH, PER_CALL = 64, 12, 50
+NANOGPT_VAL_LOSS = 1.88
+
+
+def val_loss(apply_fn, state, transform, val, batch_size=64):
+    """The mean next-token loss over the whole validation split (every target once)."""
+    evaluate = train.make_eval_step(apply_fn, transform=transform)
+    total = weight = 0.0
+    for batch in data.lm_eval_batches(val, batch_size, CONTEXT):
+        n = float(batch["weight"].sum())
+        total += float(evaluate(state, batch)["loss"]) * n
+        weight += n
+    return total / weight
+
+
+def fit(apply_fn, state, tx, transform, dataset, steps, seed):
+    step = train.make_train_step(apply_fn, tx, transform=transform, steps_per_call=PER_CALL)
+    batches = data.stacked_lm_batches(dataset, BATCH, CONTEXT, PER_CALL, seed=seed)
+    losses = []
+    tick = time.perf_counter()
+    for _, group in zip(range(steps // PER_CALL), batches, strict=False):
+        state, metrics = step(state, group)
+        losses.append(metrics["loss"])
+    jax.block_until_ready(state)
+    return state, float(np.mean(np.asarray(losses[-1]))), time.perf_counter() - tick
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--quick", action="store_true", help="200 steps (a smoke run)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args()
+    if not os.path.exists(args.data):
+        print(f"benchmarks/lm.py: {args.data} is missing; nothing to measure")
+        return
+    steps = 200 if args.quick else args.steps
+    source = f"text:{args.data}"
+    train_set, val = data.load_text(source, "train"), data.load_text(source, "val")
+    module = models.GPTTiny(len(train_set.vocab), context=CONTEXT)
+    apply_fn = train.linen_apply(module, train_kwarg="train")
+    tokens = jnp.zeros((1, CONTEXT), jnp.int32)
+    params = jax.jit(module.init)(jax.random.key(0), tokens)["params"]
+    layouts = layout.learn(lambda p, x: module.apply({"params": p}, x), params, tokens)
+
+    schedule = optax.cosine_decay_schedule(1e-3, steps, alpha=0.1)
+    tx = optax.adamw(schedule, weight_decay=0.1)
+    dense = train.init_train_state(params, tx, key=jax.random.key(1))
+    dense, _, dense_s = fit(apply_fn, dense, tx, None, train_set, steps, seed=0)
+    rows = [("dense", val_loss(apply_fn, dense, None, val), dense.params, None, None, dense_s)]
+
+    sparse = prune.magnitude(None, structure=prune.NM(2, 4), layouts=layouts)
+    tune = optax.adamw(optax.cosine_decay_schedule(3e-4, steps // 4), weight_decay=0.1)
+    pruned = train.init_train_state(dense.params, tune, key=jax.random.key(2), transform=sparse)
+    pruned, _, tune_s = fit(apply_fn, pruned, tune, sparse, train_set, steps // 4, seed=1)
+    view = sparse.apply(pruned.params, pruned.transform_state)
+    rows.append(("2:4", val_loss(apply_fn, pruned, sparse, val), view, sparse, pruned, tune_s))
+    for bits in (8, 4):
+        q = quant.fake_quant(bits, layouts=layouts)
+        chained = mixjax.chain(sparse, q)
+        state = pruned._replace(transform_state=(pruned.transform_state, q.init(view)))
+        loss = val_loss(apply_fn, state, chained, val)
+        rows.append((f"2:4 + int{bits}", loss, None, chained, state, 0.0))
+
+    dense_bytes = 4 * sum(int(np.size(x)) for x in jax.tree.leaves(dense.params))
+    results = []
+    for name, loss, _, transform, state, seconds in rows:
+        if transform is None:
+            plain = mixjax.identity()
+            nbytes = export.compress(dense.params, plain, plain.init(dense.params)).nbytes
+        else:
+            nbytes = export.compress(state.params, transform, state.transform_state).nbytes
+        results.append(
+            {
+                "variant": name,
+                "val_loss": loss,
+                "perplexity": float(np.exp(loss)),
+                "bytes": nbytes,
+                "train_s": seconds,
+            }  # fmt: skip
+        )
+    base = results[0]["val_loss"]
+    print(f"GPT-tiny 4x4x128, context {CONTEXT}, batch {BATCH}, {steps} steps (+{steps // 4} "
+          f"fine-tuning); nanoGPT at this size: val loss {NANOGPT_VAL_LOSS}\n")  # fmt: skip
+    print("| variant | val loss | increase | perplexity | bytes | x float32 | train s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r['variant']} | {r['val_loss']:.4f} | {r['val_loss'] - base:+.4f} | "
+            f"{r['perplexity']:.2f} | {r['bytes']} | {dense_bytes / r['bytes']:.1f}x | "
+            f"{r['train_s']:.0f} |"
+        )
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "lm.json")
+    meta = {
+        "steps": steps,
+        "context": CONTEXT,
+        "batch": BATCH,
+        "jax": jax.__version__,
+        "device": jax.devices()[0].device_kind,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"meta": meta, "dense_float32_bytes": dense_bytes, "rows": results}, f, indent=2)
+    os.replace(tmp, path)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
