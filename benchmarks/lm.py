@@ -23,7 +23,8 @@ The fine-tuned rows train ``steps // 4`` more steps than the dense one, so their
 cost of the sparsity with the gain of the extra training.
 
 Validation loss is the exact mean over the whole validation split
-(:func:`mixjax.data.lm_eval_batches`). Prints one table and writes ``results/lm.json``.
+(:func:`mixjax.data.lm_eval_batches`). Prints one table and writes ``results/lm.json`` and the
+plot ``results/lm.png`` (loss against bytes).
 """
 
 from __future__ import annotations
@@ -69,6 +70,30 @@ def fit(apply_fn, state, tx, transform, dataset, steps, seed):
         losses.append(metrics["loss"])
     jax.block_until_ready(state)
     return state, float(np.mean(np.asarray(losses[-1]))), time.perf_counter() - tick
+
+
+def plot(results, dense_bytes, path):
+    """Validation loss against stored bytes (log scale), one labelled point per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs, ys = [r["bytes"] for r in results], [r["val_loss"] for r in results]
+    ax.plot(xs, ys, "o-")
+    for r in results:
+        ax.annotate(r["variant"], (r["bytes"], r["val_loss"]), textcoords="offset points",
+                    xytext=(4, 6))  # fmt: skip
+    ax.axhline(NANOGPT_VAL_LOSS, color="gray", linestyle="--", label="nanoGPT, this size")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"artifact bytes (float32: {dense_bytes})")
+    ax.set_ylabel("validation loss (nats per character)")
+    ax.set_title("GPT-tiny on tiny-shakespeare")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -153,7 +178,8 @@ def main() -> None:
     with open(tmp, "w") as f:
         json.dump({"meta": meta, "dense_float32_bytes": dense_bytes, "rows": results}, f, indent=2)
     os.replace(tmp, path)
-    print(f"\nwrote {path}")
+    plot(results, dense_bytes, os.path.join(args.out, "lm.png"))
+    print(f"\nwrote {path} and lm.png")
 
 
 if __name__ == "__main__":
