@@ -41,7 +41,7 @@ import numpy as np
 import optax
 
 import mixjax
-from mixjax import data, export, layout, models, prune, quant, train
+from mixjax import _files, data, export, layout, models, prune, quant, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")
@@ -174,10 +174,8 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),
     }
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"meta": meta, "dense_float32_bytes": dense_bytes, "rows": results}, f, indent=2)
-    os.replace(tmp, path)
+    payload = {"meta": meta, "dense_float32_bytes": dense_bytes, "rows": results}
+    _files.write_atomic(path, lambda f: json.dump(payload, f, indent=2), text=True)
     plot(results, dense_bytes, os.path.join(args.out, "lm.png"))
     print(f"\nwrote {path} and lm.png")
 

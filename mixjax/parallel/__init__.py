@@ -10,15 +10,8 @@
 * :mod:`~mixjax.parallel.distributed`: :func:`initialize` and :func:`process_slice` for
   multi-process runs (gloo collectives on CPU).
 
-Asynchronous replicas are :func:`mixjax.delay.async_data_parallel`.
-
-Example::
-
-    mesh = mixjax.parallel.make_mesh(data=2, model=4)
-    rules = [(".*Dense_0/kernel", P(None, "model"))]
-    step = mixjax.parallel.data_parallel(train.make_train_step(apply_fn, tx), mesh, rules=rules)
-    state = mixjax.parallel.shard_state(state, mesh, rules)
-    state, metrics = step(state, batch)      # batch: numpy, this process's part
+Asynchronous replicas are :func:`mixjax.delay.async_data_parallel`; an example of a sharded
+step is in :mod:`~mixjax.parallel.steps`.
 """
 
 from mixjax.parallel.distributed import initialize, process_slice

@@ -88,6 +88,17 @@ def _to_groups(x: jax.Array, per_channel: bool, layout: Layout | None = None) ->
     return x.reshape(1, -1)
 
 
+def _groups_shape(
+    shape: tuple[int, ...], per_channel: bool, layout: Layout | None = None
+) -> tuple[int, int]:
+    """The shape :func:`_to_groups` gives a leaf of ``shape``: ``(features, weights each)``."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if not per_channel:
+        return 1, size
+    features = layout_lib.matrix_shape(shape, layout)[-1] if layout is not None else shape[-1]
+    return features, size // features
+
+
 def _from_groups(
     groups: jax.Array, shape: tuple[int, ...], per_channel: bool, layout: Layout | None = None
 ) -> jax.Array:
@@ -111,7 +122,7 @@ def _live(x: jax.Array, preserve_sparsity: bool) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("free", "per_channel", "preserve_sparsity", "layout"))
 def _fixed_view(x, assignments, free, per_channel, preserve_sparsity, layout=None):
     # The output feature (group) of every weight, in the leaf's own layout.
-    shape = _to_groups(jnp.zeros(x.shape, jnp.int32), per_channel, layout).shape
+    shape = _groups_shape(x.shape, per_channel, layout)
     feature = jnp.broadcast_to(jnp.arange(shape[0], dtype=jnp.int32)[:, None], shape)
     feature = _from_groups(feature, x.shape, per_channel, layout)
     assignments = assignments.astype(jnp.int32)
@@ -289,11 +300,7 @@ def cluster(
                 "convolution or table lookup consumes it, so it has no output features for "
                 "per_channel=True"
             )
-        per_group = (
-            leaf.size // _to_groups(jnp.zeros(leaf.shape), True, layout).shape[0]
-            if (per_channel and leaf.ndim)
-            else leaf.size
-        )
+        per_group = _groups_shape(leaf.shape, per_channel and leaf.ndim > 0, layout)[1]
         if per_group < k:
             unit = "output channel" if per_channel else "leaf"
             raise ValueError(
