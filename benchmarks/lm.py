@@ -14,10 +14,13 @@ is <= 1.88 in <= 10 minutes on 2 CPU cores. Then:
 * ``2:4``: kernels pruned 2:4 along their true contraction axes (:func:`mixjax.layout.learn`,
   ``prune.magnitude(None, structure=NM(2, 4), layouts=...)``; the tied embedding is left
   dense, as the layout-based default selection does), fine-tuned for a quarter of the steps;
-* ``2:4 + int8`` and ``2:4 + int4``: the pruned model's kernels fake-quantized per output feature
-  (``quant.fake_quant(bits, layouts=...)``, post-training), exported with
-  :func:`mixjax.export.compress` (the bytes are the artifact's, embedding included). int4 is
-  per output feature, not yet group-wise (g32).
+* ``2:4 + int8``, ``2:4 + int4`` and group-wise ``int4 g32`` and ``int3 g32``: the
+  pruned model's kernels fake-quantized per output feature, or per output feature and group of
+  ``g`` along the contraction (``quant.fake_quant(bits, group_size=g, layouts=...)``,
+  post-training), exported with :func:`mixjax.export.compress` (the bytes are the artifact's,
+  embedding and scales included), and run again from the artifact on the integer path
+  (:func:`mixjax.export.integer_model` weight-only: the codes dequantized at each site), whose
+  validation loss is the "integer path" column.
 
 The fine-tuned rows train ``steps // 4`` more steps than the dense one, so their loss mixes the
 cost of the sparsity with the gain of the extra training.
@@ -127,12 +130,24 @@ def main() -> None:
     pruned, _, tune_s = fit(apply_fn, pruned, tune, sparse, train_set, steps // 4, seed=1)
     view = sparse.apply(pruned.params, pruned.transform_state)
     rows.append(("2:4", val_loss(apply_fn, pruned, sparse, val), view, sparse, pruned, tune_s))
-    for bits in (8, 4):
-        q = quant.fake_quant(bits, layouts=layouts)
+    forward = lambda p, x: module.apply({"params": p}, x)  # noqa: E731
+    integer_losses = {}
+    for bits, group in ((8, None), (4, None), (4, 32), (3, 32)):
+        q = quant.fake_quant(bits, group_size=group, layouts=layouts)
         chained = mixjax.chain(sparse, q)
         state = pruned._replace(transform_state=(pruned.transform_state, q.init(view)))
         loss = val_loss(apply_fn, state, chained, val)
-        rows.append((f"2:4 + int{bits}", loss, None, chained, state, 0.0))
+        name = f"2:4 + int{bits}" + ("" if group is None else f" g{group}")
+        rows.append((name, loss, None, chained, state, 0.0))
+        # The exported artifact on the integer path (weight-only: codes dequantized per site).
+        artifact = export.compress(state.params, chained, state.transform_state)
+        int_model = export.integer_model(forward, artifact, tokens)
+        restored = artifact.params()
+
+        def integer_apply_fn(params, model_state, x, *, train, key, m=int_model, r=restored):
+            return export.integer_apply(m, forward, r, x), model_state
+
+        integer_losses[name] = val_loss(integer_apply_fn, state, None, val)
 
     dense_bytes = 4 * sum(int(np.size(x)) for x in jax.tree.leaves(dense.params))
     results = []
@@ -146,6 +161,7 @@ def main() -> None:
             {
                 "variant": name,
                 "val_loss": loss,
+                "val_loss_integer": integer_losses.get(name),
                 "perplexity": float(np.exp(loss)),
                 "bytes": nbytes,
                 "train_s": seconds,
@@ -154,13 +170,15 @@ def main() -> None:
     base = results[0]["val_loss"]
     print(f"GPT-tiny 4x4x128, context {CONTEXT}, batch {BATCH}, {steps} steps (+{steps // 4} "
           f"fine-tuning); nanoGPT at this size: val loss {NANOGPT_VAL_LOSS}\n")  # fmt: skip
-    print("| variant | val loss | increase | perplexity | bytes | x float32 | train s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| variant | val loss | increase | integer path | perplexity | bytes | x float32 | "
+          "train s |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
+        on_integers = "" if r["val_loss_integer"] is None else f"{r['val_loss_integer']:.4f}"
         print(
             f"| {r['variant']} | {r['val_loss']:.4f} | {r['val_loss'] - base:+.4f} | "
-            f"{r['perplexity']:.2f} | {r['bytes']} | {dense_bytes / r['bytes']:.1f}x | "
-            f"{r['train_s']:.0f} |"
+            f"{on_integers} | {r['perplexity']:.2f} | {r['bytes']} | "
+            f"{dense_bytes / r['bytes']:.1f}x | {r['train_s']:.0f} |"
         )
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "lm.json")

@@ -66,23 +66,22 @@ class WideMLP(nn.Module):
 
 def calibrated(model, view, act, calib):
     """PTQ: activation ranges of the model with parameters ``view`` on ``calib`` batches."""
-    fn = lambda x: model.apply({"params": view}, x)
-    return quant.calibrate(act, fn, act.init(fn, calib[0]), calib)
+    fn = lambda p, x: model.apply({"params": p}, x)
+    return quant.calibrate(act, fn, view, act.init(fn, view, calib[0]), calib)
 
 
-def deploy(model, params, weights, wstate, act, astate):
-    """Artifact (saved and loaded back), integer model, jitted integer and fake-quant forwards."""
+def deploy(model, params, weights, wstate, act, astate, x):
+    """Artifact (saved and loaded back), integer model (prepared on inputs like ``x``), jitted
+    integer and fake-quant forwards."""
     view = weights.apply(params, wstate)
-    fn = lambda x: model.apply({"params": view}, x)
+    fn = lambda p, x: model.apply({"params": p}, x)
     with tempfile.TemporaryDirectory() as tmp:
         path = export.save(export.compress(params, weights, wstate), os.path.join(tmp, "model.mjx"))
         artifact = export.load(path)
     restored = artifact.params()
-    int_fn = jax.jit(
-        lambda m, x: export.integer_apply(lambda x: model.apply({"params": restored}, x), m, x)
-    )
-    fake_fn = jax.jit(lambda s, x: act.apply(fn, s, x)[0])
-    int_model = export.integer_model(artifact, act, astate)
+    int_fn = jax.jit(lambda m, x: export.integer_apply(m, fn, restored, x))
+    fake_fn = jax.jit(lambda s, x: act.apply(fn, s, view, x)[0])
+    int_model = export.integer_model(fn, artifact, x[:1], act=act, act_state=astate)
     return artifact, int_model, int_fn, lambda x: fake_fn(astate, x)
 
 
@@ -96,7 +95,7 @@ def inference_case(name: str, model: nn.Module, shape: tuple, rounds: int) -> di
     weights = quant.fake_quant(8)
     wstate = weights.init(params)
     astate = calibrated(model, weights.apply(params, wstate), act, calib)
-    _, int_model, int_fn, fake = deploy(model, params, weights, wstate, act, astate)
+    _, int_model, int_fn, fake = deploy(model, params, weights, wstate, act, astate, x)
     float_fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
     out, ref = np.asarray(int_fn(int_model, x)), np.asarray(fake(x))
     t = interleaved(
@@ -166,8 +165,7 @@ def step_overhead(rounds: int) -> list[dict]:
         return step
 
     def w8a8_loss(p, c, x, y):
-        fn = lambda x: apply(wq.apply(p, c["w"]), x)
-        out, a = act.apply(fn, c["a"], x, mode="train")
+        out, a = act.apply(apply, c["a"], wq.apply(p, c["w"]), x, mode="train")
         return cross_entropy(out, y), {"a": a}
 
     def qwix_step(act_qtype):
@@ -179,7 +177,7 @@ def step_overhead(rounds: int) -> list[dict]:
 
     refresh = lambda p, c: wq.update(p, c["w"], 0)
     wstate = wq.init(params)
-    astate = act.init(lambda x: apply(params, x), x)
+    astate = act.init(apply, params, x)
     base = {"p": params, "o": tx.init(params)}
     contenders = {
         "plain": (
@@ -231,10 +229,9 @@ def accuracy(epochs: int, qat_epochs: int) -> list[dict]:
             def loss_fn(ps):
                 p, s = ps
                 view = weights.apply(p, mixjax.with_learned_state(wstate, s)) if weights else p
-                fn = lambda x: apply(view, x)
                 if act is None:
-                    return cross_entropy(fn(x), y), astate
-                out, a = act.apply(fn, astate, x, mode="train")
+                    return cross_entropy(apply(view, x), y), astate
+                out, a = act.apply(apply, astate, view, x, mode="train")
                 return cross_entropy(out, y), a
 
             (_, astate), g = jax.value_and_grad(loss_fn, has_aux=True)((params, scales))
@@ -257,7 +254,9 @@ def accuracy(epochs: int, qat_epochs: int) -> list[dict]:
         return calibrated(model, weights.apply(params, wstate), act, calib)
 
     def evaluate(name, params, weights, wstate, act, astate):
-        artifact, int_model, int_fn, fake = deploy(model, params, weights, wstate, act, astate)
+        artifact, int_model, int_fn, fake = deploy(
+            model, params, weights, wstate, act, astate, x_test
+        )
         fq = np.asarray(fake(x_test)).argmax(-1)
         it = np.asarray(int_fn(int_model, x_test)).argmax(-1)
         return {

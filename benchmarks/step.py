@@ -1,7 +1,19 @@
 """Cost of the composed ``mixjax.train`` step over a plain Flax + optax step; K steps per call.
 
-(a) Overhead. LeNet-300-100 and LeNet-5 on 28x28x1 ``uint8`` inputs (normalized inside the step),
-Adam(1e-3). Variants, all jitted with donated state:
+(a) Overhead, on 28x28x1 ``uint8`` images (MNIST's shape, the issue's data set; normalized inside
+the step), 10 classes, Adam(1e-3), per model (``--models``; ``mixjax.models.create`` with the
+registry's sizes):
+
+* ``lenet300100``: LeNet-300-100, batch 128;
+* ``lenet5``: LeNet-5, batch 128;
+* ``vit_tiny``: ViT-tiny (4x4 patches: 49 tokens, dim 128, depth 4, 4 heads; no dropout, so the
+  plain step draws no RNG), batch 16;
+* ``resnet20``: ResNet-20 at width 4 with BatchNorm, batch 32: the plain step updates its
+  ``batch_stats`` with ``mutable=["batch_stats"]``, the mixjax step keeps them as model state.
+
+The batches keep a step in the tens of ms on a 2-core CPU. The transforms read each kernel's
+axes from the model (``layouts=mixjax.layout.learn(...)``), so per-channel scales and clusters
+follow attention and conv kernels. Variants, all jitted with donated state:
 
 * ``plain``: a hand-written Flax + optax step (normalize, forward, cross-entropy, grad, Adam);
 * ``mixjax``: :func:`mixjax.train.make_train_step` with the identity transform (the wrapper alone);
@@ -11,6 +23,9 @@ Adam(1e-3). Variants, all jitted with donated state:
   + brightness + mixup), ``delay`` (``delayed(adam, tau=2, compensation="dc")``);
 * ``full``: all of them together (``chain(prune, cluster, quant)``, augmentation, delay).
 
+Goal (the issue): ``full`` <= 1.15x ``plain`` on ViT-tiny and ResNet-20; the table and the JSON
+state it for every model.
+
 (b) Steps per call. LeNet-300-100, ``steps_per_call=10`` against 1 for the identity and the full
 stack, fed host NumPy batches as :mod:`mixjax.data` yields them (``stacked_batches`` for K = 10).
 
@@ -18,7 +33,8 @@ Each round times a block of 10 steps of every variant (one call for K = 10, so e
 contains exactly one mask update), in alternating order, blocking on the results once per
 block; the tables report medians over rounds and ratios.
 
-    python benchmarks/step.py [--rounds 40] [--quick] [--skip-lenet5]
+    python benchmarks/step.py [--rounds 40] [--quick] [--models lenet300100,vit_tiny]
+        [--batches 8,32,128]      # --batches '' skips (b)
 """
 
 from __future__ import annotations
@@ -29,7 +45,9 @@ import json
 import os
 import platform
 import time
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,23 +58,72 @@ from mixjax import augment, data, delay, models, prune, quant, share, train
 
 BLOCK = 10  # steps per timed block; pruning masks update once per block
 CLASSES = 10
+IMAGE = (28, 28, 1)
+GOAL = 1.15  # the issue's bound on full / plain
 
 
-def plain_step(module, tx):
+class Bench(NamedTuple):
+    """A model of part (a): its label and batch, and the divisor of ``--rounds`` it runs (4 for
+    the models that take tens of ms a step on 2 CPU cores)."""
+
+    label: str
+    batch: int
+    rounds_divisor: int
+
+
+BENCHES = {
+    "lenet300100": Bench("LeNet-300-100", 128, 1),
+    "lenet5": Bench("LeNet-5", 128, 4),
+    "vit_tiny": Bench("ViT-tiny", 16, 4),
+    "resnet20": Bench("ResNet-20", 32, 4),
+}
+
+
+class Model(NamedTuple):
+    """A registry model built for the benchmark: variables split as the train step keeps them."""
+
+    module: nn.Module
+    train_kwarg: str | None  # the call keyword that switches BatchNorm / dropout, if any
+    params: Any
+    model_state: dict  # the other collections (``{"batch_stats": ...}``), ``{}`` if none
+    layouts: Any  # mixjax.layout.learn of the params, for the transforms' where and axes
+
+
+def build(name: str) -> Model:
+    module = models.create(name, CLASSES)
+    variables = dict(jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, *IMAGE))))
+    params = variables.pop("params")
+    forward = lambda p, x: module.apply({"params": p, **variables}, x)
+    # Abstract input: learn only traces. (A concrete batch of one, closed over, makes it give
+    # the LeNets' Dense biases a layout, which the transforms then reject.)
+    example = jax.ShapeDtypeStruct((1, *IMAGE), jnp.float32)
+    layouts = mixjax.layout.learn(forward, params, example)
+    return Model(module, models.MODELS[name].train_kwarg, params, variables, layouts)
+
+
+def plain_step(model: Model, tx):
+    kwargs = {} if model.train_kwarg is None else {model.train_kwarg: True}
+
     @functools.partial(jax.jit, donate_argnums=0)
     def step(carry, batch):
-        params, opt_state = carry
+        params, model_state, opt_state = carry
         images, labels = data.normalize(batch["image"]), batch["label"]
 
         def loss_fn(p):
-            logits = module.apply({"params": p}, images)
+            variables = {"params": p, **model_state}
+            if model_state:  # BatchNorm: training updates the batch statistics
+                logits, new_state = model.module.apply(
+                    variables, images, mutable=list(model_state), **kwargs
+                )
+            else:
+                logits, new_state = model.module.apply(variables, images, **kwargs), model_state
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, logits
+            return loss, (logits, new_state)
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-        return (optax.apply_updates(params, updates), opt_state), {
+        return (optax.apply_updates(params, updates), model_state, opt_state), {
             "loss": loss,
             "accuracy": accuracy,
         }
@@ -64,12 +131,12 @@ def plain_step(module, tx):
     return step
 
 
-def components():
+def components(layouts):
     """Factories of each component, fresh per model (transforms hold jitted closures)."""
     return {
-        "prune": lambda: dict(transform=prune.magnitude(0.9, update_every=BLOCK)),
-        "cluster": lambda: dict(transform=share.cluster(16)),
-        "quant": lambda: dict(transform=quant.fake_quant(8, update_every=BLOCK)),
+        "prune": lambda: dict(transform=prune.magnitude(0.9, update_every=BLOCK, layouts=layouts)),
+        "cluster": lambda: dict(transform=share.cluster(16, layouts=layouts)),
+        "quant": lambda: dict(transform=quant.fake_quant(8, update_every=BLOCK, layouts=layouts)),
         "augment": lambda: dict(
             augment=augment.chain(
                 augment.random_flip(),
@@ -82,8 +149,8 @@ def components():
     }
 
 
-def full_stack():
-    parts = {name: make() for name, make in components().items()}
+def full_stack(layouts):
+    parts = {name: make() for name, make in components(layouts).items()}
     return dict(
         transform=mixjax.chain(
             parts["prune"]["transform"], parts["cluster"]["transform"], parts["quant"]["transform"]
@@ -93,24 +160,30 @@ def full_stack():
     )
 
 
-def mixjax_variant(module, params, config, steps_per_call=1):
+def mixjax_variant(model: Model, config, steps_per_call=1):
     config = dict(config)
     tx = config.pop("tx", optax.adam(1e-3))
     transform = config.get("transform")
     step = train.make_train_step(
-        train.linen_apply(module),
+        train.linen_apply(model.module, train_kwarg=model.train_kwarg),
         tx,
         preprocess=data.normalize,
         steps_per_call=steps_per_call,
         **config,
     )
-    state = train.init_train_state(params, tx, transform=transform, key=jax.random.key(0))
+    state = train.init_train_state(
+        model.params,
+        tx,
+        transform=transform,
+        key=jax.random.key(0),
+        model_state=model.model_state,
+    )
     return step, state
 
 
 def host_batches(batch, steps, seed=0):
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (steps, batch, 28, 28, 1), dtype=np.uint8)
+    images = rng.integers(0, 256, (steps, batch, *IMAGE), dtype=np.uint8)
     labels = rng.integers(0, CLASSES, (steps, batch)).astype(np.int32)
     return {"image": images, "label": labels}
 
@@ -151,43 +224,48 @@ def time_variants(variants, rounds):
     return median_ms(wall), median_ms(cpu), carries
 
 
-def overhead(name, module, batch, rounds):
-    params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    stacked = host_batches(batch, BLOCK)
+def overhead(name, rounds):
+    bench, model = BENCHES[name], build(name)
+    stacked = host_batches(bench.batch, BLOCK)
     # Device-resident batches, the same for every variant, so (a) times the step alone.
     batches = [jax.device_put({k: v[i] for k, v in stacked.items()}) for i in range(BLOCK)]
     tx = optax.adam(1e-3)
-    variants = {"plain": (plain_step(module, tx), (params, tx.init(params)), batches)}
-    configs = {"mixjax": {}, **{c: make() for c, make in components().items()}}
-    configs["full"] = full_stack()
+    carry = (model.params, model.model_state, tx.init(model.params))
+    variants = {"plain": (plain_step(model, tx), carry, batches)}
+    configs = {"mixjax": {}, **{c: make() for c, make in components(model.layouts).items()}}
+    configs["full"] = full_stack(model.layouts)
     for variant, config in configs.items():
-        step, state = mixjax_variant(module, params, config)
+        step, state = mixjax_variant(model, config)
         variants[variant] = (step, state, batches)
     step_ms, cpu_ms, carries = time_variants(variants, rounds)
+    ratio = {v: step_ms[v] / step_ms["plain"] for v in step_ms if v != "plain"}
+    masks = carries["full"].transform_state[0].masks  # the chain's first transform: pruning
     return {
-        "model": name,
-        "batch": batch,
+        "model": bench.label,
+        "batch": bench.batch,
+        "rounds": rounds,
         "step_ms": step_ms,
         "cpu_ms": cpu_ms,
-        "ratio": {v: step_ms[v] / step_ms["plain"] for v in step_ms if v != "plain"},
+        "ratio": ratio,
         "cpu_ratio": {v: cpu_ms[v] / cpu_ms["plain"] for v in cpu_ms if v != "plain"},
-        "sparsity_after": prune.summary(carries["full"].params).sparsity,
+        "goal": {"full_ratio_at_most": GOAL, "met": ratio["full"] <= GOAL},
+        "sparsity_after": prune.summary(masks).sparsity,
     }
 
 
-def steps_per_call(module, batch, rounds):
-    params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+def steps_per_call(batch, rounds):
+    model = build("lenet300100")
     stacked = host_batches(batch, BLOCK)
     singles = [{k: v[i] for k, v in stacked.items()} for i in range(BLOCK)]
     variants = {}
-    for config_name, config in (("identity", {}), ("full", full_stack())):
+    for config_name, config in (("identity", {}), ("full", full_stack(model.layouts))):
         for k in (1, BLOCK):
-            step, state = mixjax_variant(module, params, config, k)
+            step, state = mixjax_variant(model, config, k)
             variants[f"{config_name} K={k}"] = (step, state, singles if k == 1 else [stacked])
     step_ms, cpu_ms, _ = time_variants(variants, rounds)
     configs = ("identity", "full")
     return {
-        "model": "LeNet-300-100",
+        "model": BENCHES["lenet300100"].label,
         "batch": batch,
         "step_ms": step_ms,
         "cpu_ms": cpu_ms,
@@ -196,25 +274,12 @@ def steps_per_call(module, batch, rounds):
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--quick", action="store_true", help="4 rounds, LeNet-300-100, batch 32")
-    parser.add_argument("--skip-lenet5", action="store_true", help="part (a) on LeNet-300-100 only")
-    parser.add_argument("--batches", default="8,32,128", help="batch sizes of part (b)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args()
-    rounds = 4 if args.quick else args.rounds
-    k_batches = [32] if args.quick else [int(b) for b in args.batches.split(",")]
-
-    rows = [overhead("LeNet-300-100", models.LeNet300100(CLASSES), 128, rounds)]
-    if not (args.quick or args.skip_lenet5):
-        # About 100 ms per step on 2 CPU cores: fewer rounds.
-        rows.append(overhead("LeNet-5", models.LeNet5(CLASSES), 128, max(rounds // 4, 4)))
-    print("(a) ms per step, batch 128, and ratio to plain (goal: full <= 1.15x)\n")
+def print_overhead(rows):
+    goal = f"goal: full <= {GOAL}x; the issue asks it of ViT-tiny and ResNet-20"
+    print(f"(a) ms per step and ratio to plain ({goal})\n")
     print(
         "| variant | "
-        + " | ".join(f"{r['model']} ms | ratio | CPU-time ratio" for r in rows)
+        + " | ".join(f"{r['model']} (batch {r['batch']}) ms | ratio | CPU-time ratio" for r in rows)
         + " |"
     )
     print("|---|" + "---:|---:|---:|" * len(rows))
@@ -225,8 +290,11 @@ def main() -> None:
             for r in rows
         ]
         print(f"| {v} | " + " | ".join(cells) + " |")
+    met = lambda r: "met" if r["goal"]["met"] else "not met"
+    print(f"\ngoal full <= {GOAL}x: " + ", ".join(f"{r['model']} {met(r)}" for r in rows))
 
-    k_rows = [steps_per_call(models.LeNet300100(CLASSES), b, rounds) for b in k_batches]
+
+def print_steps_per_call(k_rows):
     print(f"\n(b) LeNet-300-100 ms per step, steps_per_call={BLOCK} vs 1 (goal: >= 1.3x)\n")
     print("| batch | config | K=1 ms | K=10 ms | speedup | CPU-time speedup |")
     print("|---:|---|---:|---:|---:|---:|")
@@ -238,11 +306,54 @@ def main() -> None:
                 f"{row['cpu_speedup'][c]:.2f}x |"
             )
 
+
+def parse_models(parser, text):
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown or not names:
+        parser.error(f"--models: choose from {','.join(BENCHES)}, got {text!r}")
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument(
+        "--quick", action="store_true", help="4 rounds; (a) on LeNet-300-100, (b) at batch 32"
+    )
+    parser.add_argument(
+        "--models",
+        help=f"part (a)'s models, comma-separated, of {','.join(BENCHES)} (default: all; "
+        "lenet300100 with --quick)",
+    )
+    parser.add_argument(
+        "--batches", help="batch sizes of part (b) (default 8,32,128; 32 with --quick; '' skips)"
+    )
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    rounds = 4 if args.quick else args.rounds
+    if rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {rounds}")
+    names = parse_models(
+        parser, args.models or ("lenet300100" if args.quick else ",".join(BENCHES))
+    )
+    batches = args.batches if args.batches is not None else ("32" if args.quick else "8,32,128")
+    k_batches = [int(b) for b in batches.split(",") if b]
+
+    # Slow models get fewer rounds, but never more than asked for.
+    rows = [overhead(n, max(rounds // BENCHES[n].rounds_divisor, min(rounds, 4))) for n in names]
+    print_overhead(rows)
+    k_rows = [steps_per_call(b, rounds) for b in k_batches]
+    if k_rows:
+        print_steps_per_call(k_rows)
+
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "step.json")
     meta = {
         "rounds": rounds,
         "block": BLOCK,
+        "image": IMAGE,
+        "goal": f"full <= {GOAL}x plain (the issue asks it of ViT-tiny and ResNet-20)",
         "jax": jax.__version__,
         "device": jax.devices()[0].device_kind,
         "machine": platform.machine(),

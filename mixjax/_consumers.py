@@ -14,7 +14,10 @@ from typing import Any, NamedTuple
 
 from jax.extend import core as jex_core
 
-__all__ = ["Tracer", "Use"]
+__all__ = ["DATA", "ELEMENTWISE", "Tracer", "Use"]
+
+# The mark of a value computed from the model's inputs (an activation) in a Tracer's env.
+DATA = "data"
 
 
 class Use(NamedTuple):
@@ -27,7 +30,7 @@ class Use(NamedTuple):
     batch: tuple[int, ...] = ()
 
 
-_ELEMENTWISE = frozenset(
+ELEMENTWISE = frozenset(
     "abs add and clamp convert_element_type copy copy_p cos div exp floor ceil integer_pow "
     "imag log logistic max min mul ne eq ge gt le lt neg nextafter or pow real reduce_precision "
     "rem round rsqrt select_n sign sin sqrt square stop_gradient sub tanh xor not erf "
@@ -82,9 +85,14 @@ class Tracer:
 
     def walk(self, jaxpr: Any, env: dict) -> dict:
         for eqn in jaxpr.eqns:
-            tracked = [(k, env[v]) for k, v in enumerate(eqn.invars) if _is_var(v) and v in env]
+            known = [env.get(v) if _is_var(v) else None for v in eqn.invars]
+            data = any(t is DATA for t in known)
+            tracked = [(k, t) for k, t in enumerate(known) if t is not None and t is not DATA]
             if tracked:
-                self.equation(eqn, tracked, env)
+                self.equation(eqn, tracked, env, data)
+            if data:
+                for v in eqn.outvars:
+                    env.setdefault(v, DATA)
         return env
 
     def call(self, jaxpr: Any, inputs: list, eqn_outvars: list | None, env: dict) -> None:
@@ -96,7 +104,7 @@ class Tracer:
             if _is_var(v) and v in inner:
                 env[outer] = inner[v]
 
-    def equation(self, eqn: Any, tracked: list, env: dict) -> None:
+    def equation(self, eqn: Any, tracked: list, env: dict, data: bool = False) -> None:
         name, params = eqn.primitive.name, eqn.params
         out = eqn.outvars[0] if eqn.outvars else None
         if name == "dot_general":
@@ -121,13 +129,15 @@ class Tracer:
                 rows = params["dimension_numbers"].start_index_map
                 rest = [i for i in range(len(axes)) if i not in rows]
                 self.uses[leaf].append(Use("embedding", _union(axes, rest), _union(axes, rows)))
-        elif name in _ELEMENTWISE:
+        elif name in ELEMENTWISE:
             # The weight itself, transformed (a mask, a cast, fake quantization), has the result's
-            # shape; a bias broadcast onto activations does not, and is not followed further.
+            # shape; a bias or a norm scale meeting the activations (``data``) is not followed
+            # further, even where it has their shape (a batch of one).
             same = [t for k, t in tracked if eqn.invars[k].aval.shape == out.aval.shape]
+            same = [] if data else same
             if same:
                 env[out] = same[0]
-        elif name in _SAME_AXES:
+        elif name in _SAME_AXES and not data:  # a class token concatenated to data is data
             env[out] = tracked[0][1]
         elif name == "transpose":
             leaf, axes = tracked[0][1]
@@ -172,7 +182,7 @@ class Tracer:
         inputs = []
         for k, v in enumerate(eqn.invars):
             t = env.get(v) if _is_var(v) else None
-            if t is not None and k >= consts + carry:  # stacked per step: the body sees a slice
+            if t not in (None, DATA) and k >= consts + carry:  # stacked: the body sees a slice
                 t = (t[0], t[1][1:])
             inputs.append(t if k < consts or k >= consts + carry else None)
         self.call(eqn.params["jaxpr"].jaxpr, inputs, None, env)

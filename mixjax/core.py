@@ -25,6 +25,14 @@ A :class:`ParamTransform` is a NamedTuple of pure functions over a parameter tre
 
 Every function returns a tree with the structure of ``params``.
 
+Shared values: a transform whose view shares few values within blocks of a leaf (clustering:
+per tensor or per output feature) gives ``shares(params, state) -> {path: block shape}`` (as
+scales are shaped, :func:`mixjax.quant.expand_scale`: ``()`` one block, ``(1, ..., C)`` one per
+output channel; from shapes and the state's leaves, never values). A quantizer gives
+``adapt(shared) -> ParamTransform``, itself with scales coarsened to those blocks, so equal
+values stay equal and a clustered kernel keeps its codebook. :func:`chain` adapts each transform
+to what those before it share (transforms without ``shares``, e.g. pruning, pass it on).
+
 Learned state: a transform whose state holds arrays trained by gradient descent (LSQ step
 sizes, :func:`mixjax.quant.lsq`) marks those fields in its state type's ``LEARNED`` class
 attribute (a tuple of field names). :func:`learned_state` takes them out of any (e.g. chained)
@@ -35,7 +43,7 @@ does).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -85,6 +93,10 @@ class ConstrainFn(Protocol):
 
 class DueFn(Protocol):
     def __call__(self, step: Step) -> bool | jax.Array: ...
+
+
+# {leaf path: block shape} of the leaves whose view shares values within blocks.
+Shared = Mapping[str, tuple[int, ...]]
 
 
 def unconstrained(params: Params, state: State) -> Params:
@@ -154,6 +166,10 @@ class ParamTransform(NamedTuple):
         optimizer step; the identity by default.
       due: ``step -> bool``, whether ``update`` may change the state at ``step``;
         :func:`every_step` by default. Where it is false, ``update`` returns the state unchanged.
+      shares: ``(params, state) -> {path: block shape}``, the leaves whose view shares values
+        within blocks (module docstring); ``None``: passes on what its input shares.
+      adapt: ``shared -> ParamTransform``, this transform for an input view that shares values
+        on ``shared`` (module docstring); ``None``: unaffected by shared values.
     """
 
     init: InitFn
@@ -161,6 +177,8 @@ class ParamTransform(NamedTuple):
     update: UpdateFn
     constrain: ConstrainFn = unconstrained
     due: DueFn = every_step
+    shares: Callable[[Params, State], Shared] | None = None
+    adapt: Callable[[Shared], ParamTransform] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -236,13 +254,15 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
     """Composes transforms left to right; each one sees the view of those before it.
 
     ``chain(prune, cluster, quantize).apply`` prunes, clusters the pruned view (so clustering can
-    keep the zeros) and quantizes the clustered view (so it quantizes the codebook). In
-    ``update``, transform ``i`` is refreshed on the view of transforms ``0..i-1`` built from their
-    *refreshed* states, so a mask chosen this step is seen by the clustering after it. A
-    transform that is not ``due`` keeps its state without that view being built: the view is
-    computed inside a ``lax.cond`` taken only at the steps where it is due (for a traced
+    keep the zeros) and quantizes the clustered view on the clustering's blocks (so it keeps the
+    codebook: each transform is adapted to the values shared by those before it, see the module
+    docstring). In ``update``, transform ``i`` is refreshed on the view of transforms ``0..i-1``
+    built from their *refreshed* states, so a mask chosen this step is seen by the clustering
+    after it. A transform that is not ``due`` keeps its state without that view being built: the
+    view is computed inside a ``lax.cond`` taken only at the steps where it is due (for a traced
     ``due``), or not at all (where ``due`` is ``False``). ``constrain`` applies each transform's
-    constraint in the same order; ``due`` is true where any transform's is.
+    constraint in the same order; ``due`` is true where any transform's is. Chains nest: a
+    chain shares what its transforms share and adapts them to what its input shares.
 
     The state is a tuple with one entry per transform.
 
@@ -251,13 +271,28 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
     """
     for i, t in enumerate(transforms):
         _checks.instance("mixjax.chain", f"argument {i}", t, ParamTransform, "a ParamTransform")
+    return _chain(transforms, {})
+
+
+def _chain(transforms: tuple[ParamTransform, ...], given: Shared) -> ParamTransform:
+    """:func:`chain` of ``transforms`` for an input view that shares values on ``given``."""
+
+    def linked(params, states):
+        """The first ``len(states) + 1`` transforms, each adapted to the values shared by those
+        before it (with ``states``), and what all of those share."""
+        shared, out = dict(given), []
+        for i, t in enumerate(transforms[: len(states) + 1]):
+            out.append(t.adapt(dict(shared)) if shared and t.adapt is not None else t)
+            if i < len(states) and t.shares is not None:
+                shared.update(t.shares(params, states[i]))
+        return out, shared
 
     def init_fn(params):
-        states = []
-        for t in transforms:
-            state = t.init(params)
-            states.append(state)
-            params = t.apply(params, state)
+        states, view = [], params
+        for i in range(len(transforms)):
+            t = linked(params, states)[0][i]
+            states.append(t.init(view))
+            view = t.apply(view, states[-1])
         return tuple(states)
 
     def check(states):
@@ -269,7 +304,7 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
 
     def view_before(params, states):
         """``params`` through the first ``len(states)`` transforms, with those states."""
-        for t, state in zip(transforms[: len(states)], states, strict=True):
+        for t, state in zip(linked(params, states)[0], states, strict=False):  # one t more
             params = t.apply(params, state)
         return params
 
@@ -283,14 +318,16 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
         # views[j]: params through transforms[:j] with their new states, built outside any
         # lax.cond only as far as a transform due at every step needs it.
         views = [params]
-        for i, (t, state) in enumerate(zip(transforms, states, strict=True)):
+        for i, state in enumerate(states):
+            ts = linked(params, new_states)[0]
+            t = ts[i]
             due = _static_bool(t.due(step))
             if due is False:
                 new_states.append(state)
                 continue
             if due is True:
                 for j in range(len(views) - 1, i):
-                    views.append(transforms[j].apply(views[j], new_states[j]))
+                    views.append(ts[j].apply(views[j], new_states[j]))
                 new_states.append(t.update(views[i], state, step, **extra))
                 continue
             refresh = lambda t=t, state=state, done=tuple(new_states): t.update(
@@ -310,11 +347,23 @@ def chain(*transforms: ParamTransform) -> ParamTransform:
 
     def constrain_fn(params, states):
         check(states)
-        for t, state in zip(transforms, states, strict=True):
+        for t, state in zip(linked(params, states)[0], states, strict=False):  # one t more
             params = t.constrain(params, state)
         return params
 
-    return ParamTransform(init_fn, apply_fn, update_fn, constrain_fn, due_fn)
+    def shares_fn(params, states):
+        check(states)
+        return linked(params, states)[1]
+
+    return ParamTransform(
+        init_fn,
+        apply_fn,
+        update_fn,
+        constrain_fn,
+        due_fn,
+        shares=shares_fn,
+        adapt=lambda shared: _chain(transforms, {**given, **shared}),
+    )
 
 
 class ConstrainedState(NamedTuple):

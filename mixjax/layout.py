@@ -253,11 +253,11 @@ def learn(
             check_layout(_NAME, path, leaf, override[path])
     shapes = [jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.float32)) for x in leaves]
 
-    def forward(flat_leaves):
-        return fn(jax.tree.unflatten(treedef, flat_leaves), *args, **kwargs)
+    def forward(flat_leaves, inputs):  # the inputs traced too: what derives from them is data
+        return fn(jax.tree.unflatten(treedef, flat_leaves), *inputs, **kwargs)
 
     try:
-        closed = jax.make_jaxpr(forward)(shapes)
+        closed = jax.make_jaxpr(forward)(shapes, list(args))
     except Exception as err:
         raise ValueError(
             f"{_NAME}: the model rejects the example input ({type(err).__name__}: "
@@ -266,9 +266,10 @@ def learn(
     tracer = _consumers.Tracer(len(leaves))
     env = {
         v: (i, tuple((a,) for a in range(len(shapes[i].shape))))
-        for i, v in enumerate(closed.jaxpr.invars)
+        for i, v in enumerate(closed.jaxpr.invars[: len(leaves)])
         if paths[i] not in override
     }
+    env.update({v: _consumers.DATA for v in closed.jaxpr.invars[len(leaves) :]})
     tracer.walk(closed.jaxpr, env)
     layouts = [
         override[p] if p in override else _resolve(p, leaf, tracer.uses[i], tracer.unknown[i])

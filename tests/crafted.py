@@ -336,7 +336,8 @@ def model_artifact(
     leaves, arrays, layers = [], {}, {}
     for keypath, s in jax.tree_util.tree_flatten_with_path(shapes)[0]:
         path = "/".join(k.key for k in keypath)
-        layers[path.rsplit("/", 1)[0]] = [-1.0, 1.0]
+        if path.endswith("/kernel"):
+            layers[path] = [-1.0, 1.0]
         arrays[str(len(arrays))] = (rng.normal(size=s.shape) * 0.1).astype(np.float32)
         leaves.append(_array((rename or {}).get(path, path), str(len(arrays) - 1), list(s.shape)))
     if "activations" not in (metadata or {}):

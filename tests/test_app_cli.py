@@ -19,7 +19,7 @@ import pytest
 
 import mixjax
 from mixjax import export
-from mixjax.app import cli, pipeline, plots, stages
+from mixjax.app import cli, evaluate, pipeline, plots, stages
 from mixjax.app import config as config_lib
 
 TINY = [
@@ -27,6 +27,7 @@ TINY = [
     "--checkpoint-every", "50", "--model", "lenet300100", "--quiet",
 ]  # fmt: skip
 KEYS = {
+    "task": str,
     "accuracy_float": float,
     "accuracy_pruned": float,
     "accuracy_compressed": float,
@@ -111,9 +112,10 @@ def test_run_writes_report_artifact_plots_and_checkpoints(full_run, capsys):
             },
         )
     )
-    for name in (*plots.FILES, pipeline.REPORT, pipeline.ARTIFACT):
+    assert report["task"] == "image" and report["plots"] == list(plots.files("accuracy"))
+    for name in (*report["plots"], pipeline.REPORT, pipeline.ARTIFACT):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
-    for name in plots.FILES:
+    for name in report["plots"]:
         with open(os.path.join(out, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     for stage in stages.STAGES:
@@ -172,7 +174,13 @@ def test_help_documents_every_option_with_its_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for key, field in config_lib.options():
         assert field.metadata["flag"] in text, key
-        assert f"(default: {field.default}; TOML: {key})" in text, key
+        lm = config_lib.LM_DEFAULTS.get(key)
+        default = (
+            f"{field.default}"
+            if lm is None or key == "data.task"
+            else f"{field.default}; --task lm: {lm}"
+        )
+        assert f"(default: {default}; TOML: {key})" in text, key
     for flag in ("--config", "--resume", "--stop-after", "--quiet"):
         assert flag in text
 
@@ -265,3 +273,48 @@ def test_load_rejects_metadata_that_is_not_an_object(tmp_path):
     path.write_bytes(body + hashlib.sha256(body).digest())
     with pytest.raises(ValueError, match=r"bad\.mjx'.*metadata must be a JSON object, got list"):
         export.load(path)
+
+
+MODEL_RUN = [
+    "--train-steps", "20", "--prune-steps", "20", "--qat-steps", "20", "--steps-per-call", "10",
+    "--checkpoint-every", "10", "--batch-size", "16", "--compress-batch-size", "16", "--quiet",
+]  # fmt: skip
+NEW_MODELS = [
+    ("resnet20", {"width": 2}),
+    ("vit_tiny", {"width": 16, "depth": 1, "heads": 2, "patch_size": 4}),
+]
+
+
+@pytest.mark.slow  # about a minute each on 2 CPU cores (compiling ResNet-20 / the ViT thrice)
+@pytest.mark.parametrize(("model", "sizes"), NEW_MODELS)
+def test_resnet_and_vit_runs_carry_their_model_state_into_the_artifact_and_eval(
+    tmp_path, capsys, model, sizes
+):
+    out = tmp_path / "out"
+    flags = [arg for k, v in sizes.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
+    assert cli.main(["run", "--model", model, *flags, "--output", str(out), *MODEL_RUN]) == 0
+    with open(out / pipeline.REPORT) as f:
+        report = json.load(f)
+    path = str(out / pipeline.ARTIFACT)
+    artifact = export.load(path)
+    assert (artifact.metadata["model"], artifact.metadata["sizes"]) == (model, sizes)
+    module = mixjax.models.create(model, 10, **sizes)
+    images = mixjax.data.load("digits", "test").images[:64]
+    x = mixjax.data.normalize(images)
+    initial = dict(module.init(jax.random.key(0), x[:1]))
+    initial.pop("params")
+    state = artifact.model_state()
+    assert jax.tree.structure(state) == jax.tree.structure(initial)  # batch_stats, or nothing
+    params = artifact.params()
+    expected = module.apply({"params": params, **state}, x)
+    fns = evaluate.forwards(artifact)
+    np.testing.assert_allclose(fns["float"](images), expected, rtol=1e-4, atol=1e-4)
+    if model == "resnet20":
+        # Trained statistics, the ones the evaluation runs with (the initial ones differ).
+        moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), state, initial)
+        assert all(jax.tree.leaves(moved))
+        assert not np.allclose(module.apply({"params": params, **initial}, x), expected)
+    assert cli.main(["eval", path, "--data", "digits", "--split", "test"]) == 0
+    lines = dict(line.split(": ") for line in capsys.readouterr().out.splitlines() if ": " in line)
+    assert lines["accuracy_compressed"] == f"{100 * report['accuracy_compressed']:.2f}%"
+    assert lines["accuracy_integer"] == f"{100 * report['accuracy_integer']:.2f}%"

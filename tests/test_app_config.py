@@ -13,7 +13,7 @@ import pytest
 from mixjax.app import config as config_lib
 from mixjax.app.config import Config, override, validate
 
-SECTIONS = ("data", "train", "compress", "run")
+SECTIONS = ("data", "train", "model", "compress", "run")
 
 
 def flags():
@@ -31,7 +31,7 @@ def test_options_cover_every_field_once_with_a_flag_and_help():
         for section in dataclasses.fields(Config)
         for f in dataclasses.fields(getattr(Config(), section.name))
     ]
-    assert keys == expected and len(keys) == len(set(keys)) == 29
+    assert keys == expected and len(keys) == len(set(keys)) == 35
     assert {key.split(".")[0] for key in keys} == set(SECTIONS)
     for key, field in config_lib.options():
         flag, text = field.metadata["flag"], field.metadata["help"]
@@ -139,7 +139,7 @@ def test_load_toml_errors(tmp_path):
     path.write_text("[train]\nstepz = 5\n")
     with pytest.raises(
         ValueError,
-        match=r"^mixjax\.app\.config: unknown key 'train\.stepz'; valid keys: data\.dataset, .*"
+        match=r"^mixjax\.app\.config: unknown key 'train\.stepz'; valid keys: data\.task, .*"
         f" \\(in {name}\\)$",
     ):
         config_lib.load_toml(path)
@@ -150,7 +150,7 @@ def test_load_toml_errors(tmp_path):
     with pytest.raises(
         ValueError,
         match=f"^mixjax\\.app\\.config: {name}: unknown key 'steps' \\(top-level keys must be "
-        r"tables: data, train, compress, run\)$",
+        r"tables: data, train, model, compress, run\)$",
     ):
         config_lib.load_toml(path)
     path.write_text("[train]\nsteps = 'many'\n")
@@ -280,7 +280,8 @@ def test_as_dict_round_trips_through_override():
     flat = {f"{section}.{k}": v for section, values in d.items() for k, v in values.items()}
     assert list(flat) == [key for key, _ in config_lib.options()]
     optional = {k for k, f in config_lib.options() if f.type.endswith("| None")}
-    assert optional == {"data.num_classes", "train.lam"}
+    sizes = {f"model.{name}" for name in ("width", "depth", "heads", "patch_size", "context")}
+    assert optional == {"data.num_classes", "train.lam", *sizes}
     # TOML-able, where a None of an optional field is written by leaving the key out.
     assert all(isinstance(v, (int, float, str)) or k in optional for k, v in flat.items())
     assert override(Config(), flat) == cfg
@@ -320,3 +321,104 @@ def test_validate_num_classes():
     invalid({"data.num_classes": 1}, "data.num_classes", "in 2..100000", 1)
     invalid({"data.num_classes": 100_001}, "data.num_classes", "in 2..100000", 100_001)
     assert validate(override(Config(), {"data.num_classes": 10})).data.num_classes == 10
+
+
+# ----------------------------------------------------------------------------------------------
+# tasks: defaults, load, combinations, model sizes.
+
+
+def test_defaults_of_each_task():
+    assert config_lib.defaults() == config_lib.defaults("image") == Config()
+    lm = config_lib.defaults("lm")
+    changed = {
+        key
+        for key, _ in config_lib.options()
+        if getattr(getattr(lm, key.split(".")[0]), key.split(".")[1])
+        != getattr(getattr(Config(), key.split(".")[0]), key.split(".")[1])
+    }
+    assert changed == set(config_lib.LM_DEFAULTS)
+    assert (lm.data.task, lm.train.model, lm.data.batch_size) == ("lm", "gpt_tiny", 12)
+    with pytest.raises(
+        ValueError, match=r"^mixjax\.app\.config: data\.task \(--task\) must be one of \('image', "
+    ):
+        config_lib.defaults("video")
+
+
+def test_load_starts_from_the_defaults_of_the_task_of_the_options_or_the_file(tmp_path):
+    assert config_lib.load(None, {}) == Config()
+    cfg = config_lib.load(None, {"data.task": "lm", "data.batch_size": 4})
+    assert cfg == override(config_lib.defaults("lm"), {"data.batch_size": 4})
+    path = tmp_path / "lm.toml"
+    path.write_text('[data]\ntask = "lm"\ndataset = "text:a.txt"\n[train]\nsteps = 100\n')
+    cfg = config_lib.load(path, {"train.steps": 200})
+    assert (cfg.train.model, cfg.data.dataset, cfg.train.steps) == ("gpt_tiny", "text:a.txt", 200)
+    # The option's task wins over the file's, and so do its defaults.
+    assert config_lib.load(path, {"data.task": "image"}).train.model == "lenet5"
+    path.write_text("[data]\ntask = 3\n")
+    with pytest.raises(ValueError, match=r"data\.task must be a string, got 3"):
+        config_lib.load(path, {})
+
+
+def lm_config(**changes):
+    return override(config_lib.defaults("lm"), {"data.dataset": "text:a.txt", **changes})
+
+
+def test_validate_task_combinations():
+    assert validate(lm_config()) == lm_config()
+    message = "train.model (--model) must be a language model (gpt_tiny), got 'lenet5'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(lm_config(**{"train.model": "lenet5"}))
+    message = "data.dataset (--dataset) must be 'text:FILE' for --task lm, got 'digits'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(lm_config(**{"data.dataset": "digits"}))
+    message = "train.model (--model) must be an image model (lenet300100, lenet5, resnet20, "
+    with pytest.raises(ValueError, match=re.escape(message) + r".*--task lm trains gpt_tiny"):
+        validate(override(Config(), {"train.model": "gpt_tiny"}))
+    message = "data.dataset (--dataset) must be an image dataset for --task image (a text corpus"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(override(Config(), {"data.dataset": "text:a.txt"}))
+
+
+@pytest.mark.parametrize("key", config_lib.IMAGE_ONLY)
+def test_lm_refuses_image_only_settings_changed_from_their_default(key):
+    section, name = key.split(".")
+    default = getattr(getattr(Config(), section), name)
+    value = {None: 10, 1000: 500}.get(default, default * 0.5 if isinstance(default, float) else 4)
+    rule = f"left at its default {default!r} with --task lm (only the image pipeline reads it)"
+    with pytest.raises(
+        ValueError,
+        match=f"^mixjax\\.app\\.config: {re.escape(f'{key} ({flags()[key]}) must be {rule}')}",
+    ):
+        validate(lm_config(**{key: value}))
+
+
+def test_lm_stage_lengths_skip_the_qat_stage_it_does_not_have():
+    # The image defaults' qat_steps=1000 is no multiple of 30, and not an LM stage.
+    changes = {"train.steps_per_call": 30, "train.steps": 60, "compress.prune_steps": 30}
+    cfg = lm_config(**changes, **{"run.checkpoint_every": 30, "train.tau": 29})
+    assert validate(cfg) is cfg
+    rule = "in 0..1024 and shorter than every stage (30 steps)"
+    with pytest.raises(ValueError, match=re.escape(f"train.tau (--tau) must be {rule}, got 30")):
+        validate(lm_config(**changes, **{"run.checkpoint_every": 30, "train.tau": 30}))
+
+
+def test_model_sizes():
+    cfg = override(Config(), {"train.model": "vit_tiny", "model.width": 32, "model.depth": 1})
+    assert validate(cfg) is cfg
+    assert config_lib.model_sizes(cfg) == {"width": 32, "depth": 1}
+    assert config_lib.model_sizes(Config()) == {}
+    invalid({"model.width": 4}, "model.width", "unset for model 'lenet5' (its sizes: none)", 4)
+    resnet = {"train.model": "resnet20"}
+    invalid(
+        {**resnet, "model.heads": 2},
+        "model.heads",
+        "unset for model 'resnet20' (its sizes: width)",
+        2,
+    )
+    invalid({**resnet, "model.width": 0}, "model.width", ">= 1", 0)
+    message = (
+        "mixjax.app.config: the sizes {'width': 30} do not fit model 'vit_tiny': "
+        "mixjax.models.ViTTiny: dim must be divisible by heads, got dim=30, heads=4"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        validate(override(Config(), {"train.model": "vit_tiny", "model.width": 30}))

@@ -36,9 +36,9 @@ def made(tmp_path_factory):
     state = jax.jit(transform.init)(params)
     act = quant.activation_quant(8)
     view = jax.jit(transform.apply)(params, state)
-    fn = lambda x: model.apply({"params": view}, x)
-    act_state = act.init(fn, x)
-    _, act_state = jax.jit(lambda s, x: act.apply(fn, s, x, mode="train"))(act_state, x)
+    fn = lambda p, x: model.apply({"params": p}, x)
+    act_state = act.init(fn, view, x)
+    _, act_state = jax.jit(lambda s, x: act.apply(fn, s, view, x, mode="train"))(act_state, x)
     artifact = export.compress(params, transform, state, container="compact")
     meta = evaluate.metadata(MODEL, CLASSES, x.shape[1:], act, act_state)
     artifact = dataclasses.replace(artifact, metadata=meta)
@@ -58,19 +58,29 @@ def made(tmp_path_factory):
 
 def test_metadata_fields_are_json_and_survive_save_and_load(made):
     meta, act_state = made["meta"], made["act_state"]
-    assert list(meta) == ["model", "num_classes", "input_shape", "preprocess", "activations"]
+    assert list(meta) == [
+        "model",
+        "num_classes",
+        "input_shape",
+        "sizes",
+        "preprocess",
+        "activations",
+    ]
+    assert meta["sizes"] == {}  # the model's defaults
     assert meta["model"] == MODEL and meta["num_classes"] == CLASSES
     assert meta["input_shape"] == list(SHAPE)
     assert meta["preprocess"] == evaluate.NORMALIZE == {"mean": 0.5, "std": 0.5}
     assert meta["preprocess"] is not evaluate.NORMALIZE  # a copy: editing it changes nothing
     assert meta["activations"]["bits"] == 8
     ranges = meta["activations"]["ranges"]
-    assert sorted(ranges) == sorted(act_state) == ["Conv_0", "Conv_1", "Dense_0"]
+    assert (
+        sorted(ranges) == sorted(act_state) == ["Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel"]
+    )
     for path, (lo, hi) in ranges.items():
         assert type(lo) is float and type(hi) is float
         assert (lo, hi) == (float(act_state[path].min), float(act_state[path].max))
         assert lo <= 0.0 < hi
-    assert ranges["Conv_0"] == pytest.approx([-1.0, 1.0], abs=0.05)  # normalized pixels
+    assert ranges["Conv_0/kernel"] == pytest.approx([-1.0, 1.0], abs=0.05)  # normalized pixels
     assert json.loads(json.dumps(meta)) == meta
     assert made["loaded"].metadata == meta
 
@@ -95,8 +105,8 @@ def test_float_forward_is_the_model_on_normalized_images(made):
 def test_compressed_forward_fake_quantizes_activations_with_the_stored_ranges(made):
     images, act, model = made["images"], made["act"], made["model"]
     params = made["loaded"].params()
-    fn = lambda x: model.apply({"params": params}, x)
-    expected, state = jax.jit(lambda s, x: act.apply(fn, s, x, mode="eval"))(
+    fn = lambda p, x: model.apply({"params": p}, x)
+    expected, state = jax.jit(lambda s, x: act.apply(fn, s, params, x, mode="eval"))(
         made["act_state"], data.normalize(images)
     )
     got = np.asarray(made["fns"]["compressed"](images))
@@ -219,10 +229,30 @@ def test_leaves_must_be_the_models_parameters(made):
         evaluate.forwards(_with(made, input_shape=[12, 12, 1]))
 
 
-RANGES = {"Conv_0": [-1.0, 1.0], "Conv_1": [0.0, 2.0], "Dense_0": [0.0, 2.0]}
+RANGES = {"Conv_0/kernel": [-1.0, 1.0], "Conv_1/kernel": [0.0, 2.0], "Dense_0/kernel": [0.0, 2.0]}
 MALFORMED = [
     ({"model": "vgg"}, r"metadata 'model' must be one of \[.*'small_cnn'.*\], got 'vgg'"),
     ({"model": ["small_cnn"]}, r"metadata 'model' must be one of .*, got \['small_cnn'\]"),
+    (
+        {"model": "gpt_tiny"},
+        r"metadata 'model' must be one of \['lenet300100', .*'vit_tiny'\], got",
+    ),
+    ({"sizes": [32]}, r"metadata 'sizes' must be a dict of sizes of 'small_cnn' \(\['width'\]\)"),
+    (
+        {"sizes": {"depth": 2}},
+        r"metadata 'sizes' must be a dict of sizes of .*, got \{'depth': 2\}",
+    ),
+    (
+        {"sizes": {"width": 2**17}},
+        r"'sizes' must be .*integers in \[1, 65536\], got \{'width': 131072",
+    ),
+    ({"sizes": {"width": 8.0}}, r"metadata 'sizes' must be a dict .*, got \{'width': 8\.0\}"),
+    ({"sizes": {"width": 8}}, r"leaf 'Conv_0/bias' has shape \(32,\) in the artifact, model"),
+    (
+        {"model": "vit_tiny", "sizes": {"width": 30}},
+        r"metadata 'sizes' must be sizes model 'vit_tiny' accepts \(mixjax\.models\.ViTTiny: dim "
+        r"must be divisible by heads, got dim=30, heads=4\), got \{'width': 30\}",
+    ),
     ({"num_classes": 0}, r"metadata 'num_classes' must be an integer in \[1, 100000\], got 0"),
     ({"num_classes": True}, r"metadata 'num_classes' must be .*, got True"),
     ({"num_classes": "10"}, r"metadata 'num_classes' must be .*, got '10'"),
@@ -237,27 +267,27 @@ MALFORMED = [
     ({"activations": {"bits": 8.0, "ranges": RANGES}}, r"'activations\.bits' .*, got 8\.0"),
     ({"activations": {"bits": 8, "ranges": [1]}}, r"'activations\.ranges' must be a dict"),
     (
-        {"activations": {"bits": 8, "ranges": {**RANGES, "Conv_0": [1.0]}}},
-        r"metadata 'activations\.ranges\.Conv_0' must be \[min, max\], finite, got \[1\.0\]",
+        {"activations": {"bits": 8, "ranges": {**RANGES, "Conv_0/kernel": [1.0]}}},
+        r"metadata 'activations\.ranges\.Conv_0/kernel' must be \[min, max\], finite, got \[1\.0\]",
     ),
     (
-        {"activations": {"bits": 8, "ranges": {**RANGES, "Conv_0": [1.0, float("nan")]}}},
-        r"'activations\.ranges\.Conv_0' must be \[min, max\], finite, got \[1\.0, nan\]",
+        {"activations": {"bits": 8, "ranges": {**RANGES, "Conv_0/kernel": [1.0, float("nan")]}}},
+        r"'activations\.ranges\.Conv_0/kernel' must be \[min, max\], finite, got \[1\.0, nan\]",
     ),
     (
-        {"activations": {"bits": 8, "ranges": {**RANGES, "Conv_0": [2.0, 1.0]}}},
-        r"'activations\.ranges\.Conv_0' must be \[min, max\] with min <= max",
+        {"activations": {"bits": 8, "ranges": {**RANGES, "Conv_0/kernel": [2.0, 1.0]}}},
+        r"'activations\.ranges\.Conv_0/kernel' must be \[min, max\] with min <= max",
     ),
     (
-        {"activations": {"bits": 8, "ranges": {"Conv_0": [0.0, 1.0]}}},
-        r"'activations\.ranges' must have one range per Dense/Conv layer of model 'small_cnn' "
-        r"\(10 classes, input \[8, 8, 1\]\) \(\['Conv_0', 'Conv_1', 'Dense_0'\]\), "
-        r"got \['Conv_0'\]",
+        {"activations": {"bits": 8, "ranges": {"Conv_0/kernel": [0.0, 1.0]}}},
+        r"'activations\.ranges' must have one range per matmul/conv site of model 'small_cnn' "
+        r"\(10 classes, input \[8, 8, 1\]\) \(\['Conv_0/kernel', 'Conv_1/kernel', "
+        r"'Dense_0/kernel'\]\), got \['Conv_0/kernel'\]",
     ),
     (
-        {"activations": {"bits": 8, "ranges": {**RANGES, "Dense_7": [0.0, 1.0]}}},
-        r"must have one range per Dense/Conv layer .*, got "
-        r"\['Conv_0', 'Conv_1', 'Dense_0', 'Dense_7'",
+        {"activations": {"bits": 8, "ranges": {**RANGES, "Dense_7/kernel": [0.0, 1.0]}}},
+        r"must have one range per matmul/conv site .*, got "
+        r"\['Conv_0/kernel', 'Conv_1/kernel', 'Dense_0/kernel', 'Dense_7/kernel'",
     ),
     ({"preprocess": {"mean": 0.5, "std": 0.0}}, r"metadata 'preprocess' must be \{'mean': m"),
     ({"preprocess": {"mean": [0.5, 0.5]}}, r"'preprocess' must be .* or 1 per channel"),

@@ -13,6 +13,16 @@ from mixjax.app import config as config_lib
 from mixjax.app import stages
 
 
+def tiny_dataset():
+    rng = np.random.default_rng(0)
+    return data.Dataset(
+        rng.integers(0, 255, (32, 8, 8, 1)).astype(np.uint8),
+        rng.integers(0, 3, 32).astype(np.int32),
+        3,
+        "tiny",
+    )
+
+
 def tiny_run(tmp_path, **changes):
     cfg = config_lib.override(
         config_lib.Config(),
@@ -24,14 +34,9 @@ def tiny_run(tmp_path, **changes):
             **changes,
         },
     )
-    rng = np.random.default_rng(0)
-    dataset = data.Dataset(
-        rng.integers(0, 255, (32, 8, 8, 1)).astype(np.uint8),
-        rng.integers(0, 3, 32).astype(np.int32),
-        3,
-        "tiny",
-    )
-    return stages.Run(cfg, dataset, dataset, jax.random.key(0), None, False, False, True, None)
+    dataset = tiny_dataset()
+    task = stages.image_task(dataset, dataset)
+    return stages.Run(cfg, task, jax.random.key(0), None, False, False, True, None)
 
 
 def tiny_stage(model):
@@ -47,7 +52,8 @@ def test_a_stage_trains_checkpoints_and_evaluates(tmp_path):
     assert int(result.state.step) == 4
     assert [h["step"] for h in result.history] == [1, 2, 3, 4]
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "float").iterdir()) == ["2", "4"]
-    assert 0.0 <= result.accuracy <= 1.0 and result.seconds > 0
+    assert set(result.scores) == {"loss", "accuracy"}
+    assert 0.0 <= result.scores["accuracy"] <= 1.0 and result.seconds > 0
 
 
 def test_non_finite_parameters_stop_a_stage_before_it_starts(tmp_path):
@@ -126,9 +132,10 @@ def test_a_non_finite_loss_stops_the_stage_before_a_checkpoint_holds_it(tmp_path
     naming the step, and every checkpoint written holds only steps before it."""
     model = models.create("lenet300100", 3)
     run = tiny_run(tmp_path)
-    images = run.train_set.images.astype(np.float32)
+    clean = tiny_dataset()
+    images = clean.images.astype(np.float32)
     images[5, 2, 3, 0] = np.nan
-    run = run._replace(train_set=run.train_set._replace(images=images))
+    run = run._replace(task=stages.image_task(clean._replace(images=images), clean))
     with pytest.raises(
         ValueError, match=r"the float stage diverged: training loss nan at step (\d)"
     ) as err:
@@ -141,3 +148,40 @@ def test_a_non_finite_loss_stops_the_stage_before_a_checkpoint_holds_it(tmp_path
         assert f"the last is step {written[-1]}" in str(err.value)
     else:
         assert "none was written" in str(err.value)
+
+
+def test_batch_statistics_train_checkpoint_and_resume_with_the_stage(tmp_path):
+    model = models.create("resnet20", 3, width=2)
+    variables = dict(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
+    params = variables.pop("params")
+    stage = tiny_stage(model)._replace(apply_fn=train.linen_apply(model, train_kwarg="train"))
+    run = tiny_run(tmp_path)
+    result = stages.run_stage(run, stage, params, variables)
+    stats = result.state.model_state["batch_stats"]
+    assert jax.tree.structure(stats) == jax.tree.structure(variables["batch_stats"])
+    assert not _same(stats, variables["batch_stats"])  # the running averages moved
+    # A resumed stage restores them from its last checkpoint (step 4: nothing left to train).
+    resumed = stages.run_stage(run._replace(resume=True), stage, params, variables)
+    assert _same(resumed.state.model_state, result.state.model_state)
+    assert resumed.scores == result.scores
+
+
+def test_text_task_batches_and_scores_every_validation_target_once(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("".join(np.random.default_rng(0).choice(list("abcde"), 1500)))
+    train_set, val_set = (data.load_text(f"text:{path}", s) for s in ("train", "val"))
+    task = stages.text_task(train_set, val_set, context=8)
+    group = next(task.batches(4, 3, 0))
+    assert group["tokens"].shape == group["label"].shape == (3, 4, 8)
+    np.testing.assert_array_equal(group["label"][..., :-1], group["tokens"][..., 1:])
+    assert task.preprocess is None and task.held_out == "val"
+
+    def evaluate(state, batch):  # the weighted means an eval step returns: mean label, 1/2
+        w = batch["weight"]
+        return {"loss": (batch["label"] * w).sum() / w.sum(), "accuracy": jnp.float32(0.5)}
+
+    scores = task.score(evaluate, None)
+    expected = float(np.mean(val_set.tokens[1:]))  # every target once
+    assert scores["loss"] == pytest.approx(expected, rel=1e-6)
+    assert scores["accuracy"] == pytest.approx(0.5)
+    assert scores["perplexity"] == pytest.approx(np.exp(expected), rel=1e-6)

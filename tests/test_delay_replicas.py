@@ -4,6 +4,8 @@ The multi-device tests run on 8 forced CPU devices in one subprocess (as tests/t
 does); the argument checks run here.
 """
 
+import types
+
 import flax.linen as nn
 import forced_devices
 import jax
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from mixjax import delay, parallel, prune, select, train
@@ -219,6 +222,83 @@ def test_replica_apply_model_is_rejected(setup):
 
 
 # ----------------------------------------------------------------------------------------------
+# Cross-replica BatchNorm under the model's own axis name (axis_name=)
+
+
+class NormNet(nn.Module):
+    """Dense -> BatchNorm (cross-replica over ``axis_name``, if given) -> Dense."""
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Dense(16)(x.reshape((x.shape[0], -1)))
+        x = nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x)
+        return nn.Dense(4)(nn.relu(x))
+
+
+@pytest.fixture(scope="module")
+def norm_net(setup):
+    """``run(module, **wrapper_kwargs)``: 3 async steps, zero staleness, of ``module`` from
+    one init; ``reference``: the model without an axis name on one device, global batch."""
+    batches = setup["batches"][:3]
+    variables = NormNet().init(jax.random.key(0), batches[0]["image"][:1], False)
+    stats = {"batch_stats": variables["batch_stats"]}
+
+    def init(tx):
+        make = lambda: train.init_train_state(
+            variables["params"], tx, key=jax.random.key(1), model_state=stats
+        )
+        return jax.jit(make)()
+
+    def apply_fn(module):
+        return train.linen_apply(module, train_kwarg="train")
+
+    def run_async(module, **kwargs):
+        tx = delay.replica_delayed(optax.sgd(0.1), (0,) * DEVICES, **kwargs)
+        step = delay.async_data_parallel(apply_fn(module), tx, parallel.make_mesh(), **kwargs)
+        return run(step, init(tx), batches)
+
+    tx = optax.sgd(0.1)
+    reference = run(train.make_train_step(apply_fn(NormNet()), tx), init(tx), batches)
+    return types.SimpleNamespace(run=run_async, reference=reference)
+
+
+def flat_stats(state):
+    return dict(select.leaves_with_paths(jax.device_get(state.model_state["batch_stats"])))
+
+
+@multi
+@pytest.mark.parametrize("axis_name", ["batch", "data"])
+def test_cross_replica_batchnorm_equals_the_global_batch(norm_net, axis_name):
+    """BatchNorm(axis_name=...) under the same async_data_parallel(axis_name=...) ("data": the
+    default, not passed) normalizes with the statistics of all 16 examples, not its 2."""
+    kwargs = {} if axis_name == "data" else {"axis_name": axis_name}
+    states, losses = norm_net.run(NormNet(axis_name), **kwargs)
+    ref_states, ref_losses = norm_net.reference
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    assert_same_params(states[-1], ref_states[-1])
+    stats, ref_stats = flat_stats(states[-1]), flat_stats(ref_states[-1])
+    assert list(stats) == list(ref_stats)
+    for path, x in stats.items():
+        np.testing.assert_allclose(x, ref_stats[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    assert float(np.max(np.abs(stats["BatchNorm_0/mean"]))) > 1e-3  # the statistics moved
+    fifo = states[-1].opt_state.past_grads["Dense_0"]["kernel"]
+    assert fifo.sharding.spec == P("data")  # on the caller's mesh, whatever the axis name
+
+
+@multi
+def test_per_replica_batchnorm_differs_from_the_global_batch(norm_net):
+    """The comparison above is sensitive: without an axis name each replica normalizes with
+    its own 2 examples, and the averaged statistics are not the global batch's."""
+    states, losses = norm_net.run(NormNet())
+    ref_states, ref_losses = norm_net.reference
+    assert abs(losses[0] - ref_losses[0]) > 1e-3
+    var, ref_var = (flat_stats(s[-1])["BatchNorm_0/var"] for s in (states, ref_states))
+    assert float(np.max(np.abs(var - ref_var))) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
 # Argument checks (any device count)
 
 
@@ -292,3 +372,28 @@ def test_state_without_replica_delayed_is_an_error(setup):
     step = delay.async_data_parallel(setup["apply_fn"], tx, parallel.make_mesh(data=1))
     with pytest.raises(ValueError, match="must hold exactly one mixjax.delay.replica_delayed"):
         step(setup["init"](tx), setup["batches"][0])
+
+
+def test_axis_name_errors(setup):
+    tx = delay.replica_delayed(optax.sgd(0.1), (0,))
+    mesh = parallel.make_mesh(data=1)
+    with pytest.raises(ValueError, match=r"axis_name='model' is another axis of the mesh"):
+        delay.async_data_parallel(setup["apply_fn"], tx, mesh, axis_name="model")
+    for bad in (3, "", None):
+        with pytest.raises(TypeError, match=r"async_data_parallel: axis_name must be a non-empty"):
+            delay.async_data_parallel(setup["apply_fn"], tx, mesh, axis_name=bad)
+    batch_only = Mesh(np.array(jax.devices()[:1]), ("batch",))
+    with pytest.raises(TypeError, match=r"with a 'data' axis .* got .*'batch', 1"):
+        delay.async_data_parallel(setup["apply_fn"], tx, batch_only, axis_name="batch")
+
+
+def test_replica_delayed_on_another_axis_name_is_an_error(setup):
+    tx = delay.replica_delayed(optax.sgd(0.1), (0,))  # on "data"
+    mesh = parallel.make_mesh(data=1)
+    step = delay.async_data_parallel(setup["apply_fn"], tx, mesh, axis_name="batch")
+    with pytest.raises(ValueError, match=r"shard_map over 'data' .*axis_name='data', the same"):
+        step(setup["init"](tx), setup["batches"][0])
+    tx = delay.replica_delayed(optax.sgd(0.1), (0,), axis_name="batch")
+    step = delay.async_data_parallel(setup["apply_fn"], tx, mesh, axis_name="batch")
+    state, metrics = step(setup["init"](tx), setup["batches"][0])
+    assert np.isfinite(float(metrics["loss"])) and int(state.opt_state.count) == 1

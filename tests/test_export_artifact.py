@@ -16,7 +16,7 @@ from flax import nnx
 
 import mixjax
 from mixjax import core, export, prune, quant, share
-from mixjax.export import kinds, records
+from mixjax.export import bitpack, kinds, records
 
 
 def make_params(seed=0, n_in=64, n_hidden=32):
@@ -340,6 +340,12 @@ def test_record_errors():
         "zero_point": None,
     }
     assert kinds.decode(good, arrays).shape == (4, 4)
+    # (1, 4) against (2, 8): one scale per group of 2 consecutive entries of axis 1.
+    arrays["2"] = np.array([0b10110001, 0b11111111], np.uint8)
+    arrays["3"] = np.array([[1, 2, 3, 4]], np.float32)
+    grouped = kinds.decode({**good, "shape": [2, 8], "codes": "2", "scale": "3"}, arrays)
+    q = bitpack.unpack_bits(arrays["2"], 1, 16).reshape(2, 8)
+    np.testing.assert_array_equal(grouped, q * np.repeat(arrays["3"], 2, axis=1))
     cases = [
         (
             {"kind": "zstd"},
@@ -356,8 +362,8 @@ def test_record_errors():
         ({"bits": 17}, "bad bits=17"),
         ({"scale": "9"}, "field 'scale' names array '9', which the artifact does not hold"),
         ({"shape": [4, 5]}, r"20 codes of 1 bits need a 1-D array of 3 bytes, got shape \(2,\)"),
-        ({"shape": [4, 3]}, r"scale \(1, 4\) does not broadcast against shape \(4, 3\)"),
-        ({"shape": [2, 8]}, r"scale \(1, 4\) does not broadcast against shape \(2, 8\)"),
+        ({"shape": [4, 3]}, r"scale \(1, 4\) does not block-broadcast against shape \(4, 3\)"),
+        ({"shape": [2, 6]}, r"scale \(1, 4\) does not block-broadcast against shape \(2, 6\)"),
     ]
     for change, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -120,14 +120,30 @@ def test_sparse_clustered_leaf_is_smaller_than_int8():
     np.testing.assert_array_equal(kinds.decode(record, stored), leaf)
 
 
-def _encode(leaf):
+def _encode(leaf, encoder=None):
     stored = {}
 
     def store(array):
         stored[str(len(stored))] = np.asarray(array)
         return str(len(stored) - 1)
 
-    return codebook.encode_codebook("w", leaf, None, store), stored
+    return codebook.encode_codebook("w", leaf, encoder, store), stored
+
+
+def test_codebook_values_stay_on_the_leafs_integer_grid():
+    """Per-tensor grids give (K,) int values, per-channel ones (K, C) ints on each channel's
+    scale; a group-wise grid gives no codebook (the leaf stays "int")."""
+    rng = np.random.default_rng(4)
+    q = rng.choice([-3, 0, 1, 2], size=(32, 4)).astype(np.float32)
+    for scale, shape in [(np.float32(0.5), [4]), (np.float32([[0.5, 0.25, 1, 2]]), [4, 4])]:
+        leaf = q * scale
+        record, stored = _encode(leaf, records.int_encoder(scale, fn_name="test"))
+        assert record["values"]["kind"] == "int" and record["values"]["shape"] == shape
+        assert record.get("axis") == (0 if len(shape) == 2 else None)
+        np.testing.assert_array_equal(kinds.decode(record, stored), leaf)
+    grouped = np.float32([[0.5], [0.25]] * 2).reshape(4, 1)  # groups of 8 rows
+    leaf = q * np.repeat(grouped, 8, axis=0)
+    assert _encode(leaf, records.int_encoder(grouped, fn_name="test"))[0] is None
 
 
 def test_huffman_is_used_only_when_it_helps():

@@ -142,7 +142,7 @@ def test_the_reference_codebook_and_model_load(tmp_path):
     np.testing.assert_array_equal(artifact.params()["w"], [1, 2, 1, 1, 2, 2, 1, 2])
     assert export.table(artifact).rows[0].bits == 1
     model = export.load(crafted.model_artifact(str(tmp_path)))
-    with pytest.warns(UserWarning, match="has no quantized kernel"):  # stored verbatim
+    with pytest.warns(UserWarning, match="these run in float"):  # stored verbatim
         assert set(evaluate.forwards(model)) == {"float", "compressed", "integer"}
 
 
@@ -293,38 +293,34 @@ def test_manifest_structure_is_checked(tmp_path):
             export.load(path)
 
 
-def test_integer_model_names_a_damaged_layer():
+def test_integer_model_reads_any_scale_layout_and_names_a_damaged_leaf():
     rng = np.random.default_rng(0)
     params = {"Dense_0": {"kernel": rng.normal(size=(4, 3)).astype(np.float32)}}
+    fn = lambda p, x: x @ p["Dense_0"]["kernel"]  # noqa: E731
+    x = np.ones((2, 4), np.float32)
     t = quant.fake_quant(8)
     artifact = export.compress(params, t, t.init(params))
     act = quant.activation_quant(8)
-    act_state = {"Dense_0": quant.ObserverState(np.float32(-1), np.float32(1), np.int32(1))}
-    assert export.integer_model(artifact, act, act_state).layers["Dense_0"].kernel.shape == (4, 3)
+    act_state = {"Dense_0/kernel": quant.ObserverState(np.float32(-1), np.float32(1), np.int32(1))}
+    int_model = export.integer_model(fn, artifact, x, act=act, act_state=act_state)
+    assert int_model.weights["Dense_0/kernel"].codes.shape == (4, 3)
+    assert int_model.table[0].way == "int8 x int8 -> int32"
     record = artifact.record("Dense_0/kernel")
-    name = r"^mixjax\.export\.integer_model: "
-    per_input = {**artifact.arrays, record["scale"]: np.ones((4, 1), np.float32)}
-    damaged = {
-        "scale": (
-            dataclasses.replace(artifact, arrays=per_input),
-            name + r"kernel 'Dense_0/kernel': its scale \(4, 1\) is neither per tensor nor per "
-            r"output channel \(the last axis of \(4, 3\)\)",
-        ),
-        "bias": (
-            dataclasses.replace(
-                artifact,
-                leaves=(*artifact.leaves, {**crafted._array("Dense_0/bias", "b", [5])}),
-                arrays={**artifact.arrays, "b": np.zeros(5, np.float32)},
-            ),
-            name + r"bias 'Dense_0/bias' has shape \(5,\), the kernel \(4, 3\) needs \(3,\)",
-        ),
-    }
-    vector = {"Dense_0": {"kernel": np.linspace(-1, 1, 4, dtype=np.float32)}}
-    flat_t = quant.fake_quant(8, per_channel=False, where=".*")
-    damaged["rank"] = (
-        export.compress(vector, flat_t, flat_t.init(vector)),
-        name + r"kernel 'Dense_0/kernel' has shape \(4,\); a Dense/Conv kernel is \(\.\.\.",
+    # A scale per input feature is a valid grid, but not one the int8 matmul can factor out.
+    per_input = {**artifact.arrays, record["scale"]: np.arange(1, 5, dtype=np.float32)[:, None]}
+    int_model = export.integer_model(
+        fn, dataclasses.replace(artifact, arrays=per_input), x, act=act, act_state=act_state
     )
-    for bad, match in damaged.values():
-        with pytest.raises(ValueError, match=match):
-            export.integer_model(bad, act, act_state)
+    assert int_model.table[0][3:] == (
+        "int8 weights dequantized",
+        "its scales vary along the contraction (group-wise)",
+    )
+    negative = {**artifact.arrays, record["scale"]: -artifact.arrays[record["scale"]]}
+    with pytest.raises(
+        ValueError,
+        match=r"^mixjax\.export\.integer_model: leaf 'Dense_0/kernel' has scales that are not "
+        r"finite and positive \(shape \(1, 3\)\)",
+    ):
+        export.integer_model(
+            fn, dataclasses.replace(artifact, arrays=negative), x, act=act, act_state=act_state
+        )

@@ -1,4 +1,5 @@
-"""Tests of mixjax.export.integer: the integer path vs the fake-quant forward, fallbacks, errors."""
+"""Tests of mixjax.export.integer: the integer path vs the fake-quant forward, the per-site
+table, linen and NNX models of any layer type, weight-only int4, errors."""
 
 import dataclasses
 import functools
@@ -9,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from mixjax import core, export, models, quant, share
+from mixjax import layout as mixjax_layout
 from mixjax.export import integer
 from mixjax.quant import activations, observers
 
@@ -60,10 +63,11 @@ class Pipeline(NamedTuple):
     astate: dict
     fn: Any
 
+    x: Any
+
     def int_model(self, astate=None):
-        return export.integer_model(
-            self.artifact, self.act, self.astate if astate is None else astate
-        )
+        astate = self.astate if astate is None else astate
+        return export.integer_model(self.fn, self.artifact, self.x, act=self.act, act_state=astate)
 
 
 def pipeline(model, x, weights=None, act=None):
@@ -72,13 +76,13 @@ def pipeline(model, x, weights=None, act=None):
     wstate = jax.jit(weights.init)(params)
     view = jax.jit(weights.apply)(params, wstate)
     act = act or activations.activation_quant(8, observer=observers.minmax_observer())
-    fn = lambda x: model.apply({"params": view}, x)
-    astate = quant.calibrate(act, fn, act.init(fn, x), [x])
+    fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    astate = quant.calibrate(act, fn, view, act.init(fn, view, x), [x])
     artifact = export.compress(params, weights, wstate)
     restored = artifact.params()
-    run = lambda m, x: export.integer_apply(lambda x: model.apply({"params": restored}, x), m, x)
-    fake = jax.jit(lambda s, x: act.apply(fn, s, x)[0])
-    return Pipeline(fake, run, artifact, act, astate, fn)
+    run = lambda m, x: export.integer_apply(m, fn, restored, x)  # noqa: E731
+    fake = jax.jit(lambda s, x: act.apply(fn, s, view, x)[0])
+    return Pipeline(fake, run, artifact, act, astate, fn, x)
 
 
 @functools.cache
@@ -120,7 +124,10 @@ def test_mlp_eager_and_jit():
     check_close(jax.jit(p.run)(int_model, x), reference)
     jaxpr = str(jax.make_jaxpr(p.run)(int_model, x))
     assert jaxpr.count("preferred_element_type=int32") == 3 and "i8[64,64]" in jaxpr
-    assert all(layer.kernel.dtype == jnp.int8 for layer in int_model.layers.values())
+    assert all(w.codes.dtype == jnp.int8 for w in int_model.weights.values())
+    assert [(row.site, row.way) for row in int_model.table] == [
+        (f"Dense_{i}/kernel", integer.INT8) for i in range(3)
+    ]
 
 
 def test_cnn_int4_weights_symmetric_activations_output_and_file(tmp_path):
@@ -130,8 +137,9 @@ def test_cnn_int4_weights_symmetric_activations_output_and_file(tmp_path):
     )
     p = pipeline(CNN(), x, quant.fake_quant(4), act)
     loaded = export.load(export.save(p.artifact, tmp_path / "cnn.mjx"))
-    int_model = export.integer_model(loaded, act, p.astate)
-    assert int_model.output is not None and len(int_model.layers) == 5
+    int_model = export.integer_model(p.fn, loaded, x, act=act, act_state=p.astate)
+    assert int_model.output is not None and len(int_model.sites) == 5
+    assert {row.way for row in int_model.table} == {integer.INT8}
     jaxpr = str(jax.make_jaxpr(p.run)(int_model, x))
     assert jaxpr.count("conv_general_dilated") == 4 and "preferred_element_type=int32" in jaxpr
     np.testing.assert_allclose(jax.jit(p.run)(int_model, x), p.fake(p.astate, x), atol=1e-6)
@@ -162,23 +170,39 @@ def test_nonfinite_rows_become_nan_rows():
     check_close(out[keep], np.asarray(p.fake(p.astate, x))[keep])
 
 
-def test_unsupported_conv_falls_back_with_a_warning():
+def test_circular_padding_runs_integer_and_input_dilation_dequantized():
+    """CIRCULAR pads the activation before a VALID conv: the conv itself runs int8. An input
+    dilation inserts zeros that are not the zero point: that conv runs its weights dequantized,
+    and the table says why."""
+
+    class Dilated(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(4, (3, 3), padding="CIRCULAR")(x))
+            x = nn.Conv(2, (3, 3), input_dilation=2, padding=((1, 1), (1, 1)))(x)
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
     x = data(16)
-    p = pipeline(CNN(padding="CIRCULAR"), x)
-    with pytest.warns(
-        UserWarning, match=r"layer 'Conv_0' runs in float fake-quant, not int8: padding='CIRCULAR'"
-    ):
-        out = jax.jit(p.run)(p.int_model(), x)
-    check_close(out, p.fake(p.astate, x))
+    p = pipeline(Dilated(), x)
+    int_model = p.int_model()
+    ways = {row.site: (row.way, row.why) for row in int_model.table}
+    assert ways["Conv_0/kernel"] == (integer.INT8, "")
+    assert ways["Conv_1/kernel"] == (
+        f"int8 {integer.DEQUANTIZED}",
+        "a convolution with input dilation or batch groups",
+    )
+    check_close(jax.jit(p.run)(int_model, x), p.fake(p.astate, x))
 
 
-def test_backend_without_integer_kernels_falls_back_with_a_warning(monkeypatch):
+def test_backend_without_integer_kernels_dequantizes_and_says_why(monkeypatch):
     p, x = mlp_pipeline(), data()
     monkeypatch.setattr(integer, "_integer_ops_compile", lambda backend: False)
-    with pytest.warns(UserWarning, match="XLA on backend 'cpu' cannot compile int8 dot/conv"):
-        # A fresh function: jit would reuse the trace of p.run made by other tests.
-        out = jax.jit(lambda m, x: p.run(m, x))(p.int_model(), x)
-    np.testing.assert_allclose(out, p.fake(p.astate, x), rtol=0, atol=1e-6)
+    int_model = p.int_model()
+    assert {row.why for row in int_model.table} == {
+        "XLA on backend 'cpu' cannot compile int8 dot/conv"
+    }
+    out = jax.jit(lambda m, x: p.run(m, x))(int_model, x)
+    np.testing.assert_allclose(out, p.fake(p.astate, x), rtol=0, atol=1e-5)
 
 
 def test_clustered_then_quantized_kernels_run_on_the_integer_path():
@@ -191,12 +215,12 @@ def test_clustered_then_quantized_kernels_run_on_the_integer_path():
     assert kinds["Dense_0/kernel"] == "codebook"
     int_model = p.int_model()
     view = p.artifact.params()
-    for name, layer in int_model.layers.items():
-        assert layer.kernel is not None and layer.kernel.dtype == jnp.int8
-        assert len(np.unique(np.asarray(layer.kernel))) <= 4
-        kernel_scale = np.asarray(layer.rescale) / np.asarray(layer.inputs.scale)
+    assert {row.way for row in int_model.table} == {integer.INT8}
+    for path, weight in int_model.weights.items():
+        assert weight.codes.dtype == jnp.int8 and len(np.unique(np.asarray(weight.codes))) <= 4
+        layer = path.split("/")[0]
         np.testing.assert_allclose(
-            np.asarray(layer.kernel) * kernel_scale, view[name]["kernel"], rtol=1e-6
+            np.asarray(weight.codes) * np.asarray(weight.scale), view[layer]["kernel"], rtol=1e-6
         )
     check_close(jax.jit(p.run)(int_model, x), p.fake(p.astate, x))
 
@@ -213,16 +237,142 @@ def test_errors_from_preparing_a_damaged_codebook_kernel_name_integer_model():
         ValueError,
         match=r"^mixjax.export.integer_model: leaf 'Dense_0/kernel' \(64, 32\) float32 holds NaN",
     ):
-        export.integer_model(damaged, p.act, p.astate)
+        export.integer_model(p.fn, damaged, x, act=p.act, act_state=p.astate)
 
 
 def test_unquantized_kernels_run_in_float_with_a_warning():
     x = data(16)
     p = pipeline(MLP(), x, quant.fake_quant(8, where=".*Dense_[02]/kernel"))
-    with pytest.warns(UserWarning, match="layer 'Dense_1' has no quantized kernel in the artifact"):
+    with pytest.warns(UserWarning, match=r"these run in float: \['Dense_1/kernel'\]"):
         int_model = p.int_model()
-    assert int_model.layers["Dense_1"].kernel is None
+    assert int_model.table[1] == integer.SiteRow(
+        "Dense_1/kernel", "Dense_1/kernel", "dense", "float", "not quantized in the artifact"
+    )
     check_close(jax.jit(p.run)(int_model, x), p.fake(p.astate, x))
+
+
+def test_asymmetric_and_wide_kernels_run_dequantized():
+    x = data(16)
+    for weights, bits in [(quant.fake_quant(8, symmetric=False), 8), (quant.fake_quant(12), 12)]:
+        p = pipeline(MLP(), x, weights)
+        int_model = p.int_model()
+        assert {(row.way, row.why) for row in int_model.table} == {
+            (
+                f"int{bits} {integer.DEQUANTIZED}",
+                "the int8 path needs symmetric kernels of <= 8 bits",
+            )
+        }
+        check_close(jax.jit(p.run)(int_model, x), p.fake(p.astate, x), rel=1e-5)
+
+
+class TiedLM(nn.Module):
+    """A one-block LM as users write it: Embed, DenseGeneral attention projections, an MLP and
+    the tied decode (Embed.attend)."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(13, 16)
+        x = embed(tokens)
+        q, k, v = (nn.DenseGeneral((2, 8), name=n)(x) for n in "qkv")
+        w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 4.0, axis=-1)
+        x = x + nn.DenseGeneral(16, axis=(-2, -1), name="o")(jnp.einsum("bhqk,bkhd->bqhd", w, v))
+        x = x + nn.Dense(16)(nn.gelu(nn.Dense(32)(x)))
+        return embed.attend(x)
+
+
+def lm_setup(weights, act=None):
+    model = TiedLM()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 13, (4, 6)), jnp.int32)
+    params = numpy_init(model, tokens)
+    fn = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
+    wstate = weights.init(params)
+    view = weights.apply(params, wstate)
+    artifact = export.compress(params, weights, wstate)
+    astate = None
+    if act is not None:
+        astate = quant.calibrate(act, fn, view, act.init(fn, view, tokens), [tokens])
+    return fn, tokens, view, artifact, astate
+
+
+def test_attention_embedding_and_tied_decode_run_integer():
+    """Every parameter matmul of a DenseGeneral/Embed LM is an int8 site, the lookup reads int8
+    rows, and the tied decode reuses the table's codes; the result is the fake-quant forward."""
+    probe = TiedLM()
+    tokens = jnp.zeros((1, 6), jnp.int32)
+    layouts = mixjax_layout.learn(
+        lambda p, t: probe.apply({"params": p}, t), numpy_init(probe, tokens), tokens
+    )
+    weights = quant.fake_quant(8, layouts=layouts, where=r".*(kernel|embedding)$")
+    act = activations.activation_quant(8, observer=observers.minmax_observer())
+    fn, tokens, view, artifact, astate = lm_setup(weights, act)
+    int_model = export.integer_model(fn, artifact, tokens, act=act, act_state=astate)
+    ways = {row.site: row.way for row in int_model.table}
+    assert ways == {
+        "Embed_0/embedding": f"int8 {integer.LOOKUP}",
+        **{f"{n}/kernel": integer.INT8 for n in "qkvo"},
+        "Dense_0/kernel": integer.INT8,
+        "Dense_1/kernel": integer.INT8,
+        "Embed_0/embedding@1": integer.INT8,
+    }
+    out = jax.jit(lambda m, t: export.integer_apply(m, fn, artifact.params(), t))(int_model, tokens)
+    ref = act.apply(fn, astate, view, tokens)[0]
+    check_close(out.reshape(-1, 13), ref.reshape(-1, 13))
+    table = export.integer_table(int_model)
+    assert "| Embed_0/embedding@1 | Embed_0/embedding | dense | int8 x int8 -> int32 |" in table
+
+
+def test_weight_only_int4_group_wise_equals_the_dequantized_forward():
+    probe = TiedLM()
+    tokens = jnp.zeros((1, 6), jnp.int32)
+    layouts = mixjax_layout.learn(
+        lambda p, t: probe.apply({"params": p}, t), numpy_init(probe, tokens), tokens
+    )
+    weights = quant.fake_quant(4, group_size=8, layouts=layouts)
+    fn, tokens, view, artifact, _ = lm_setup(weights)
+    int_model = export.integer_model(fn, artifact, tokens)
+    ways = {row.site: row.way for row in int_model.table}
+    assert ways["q/kernel"] == f"int4 g8 {integer.DEQUANTIZED}"
+    assert ways["Embed_0/embedding"] == "float"  # embeddings are quantized only when asked
+    out = jax.jit(lambda m, t: export.integer_apply(m, fn, artifact.params(), t))(int_model, tokens)
+    np.testing.assert_allclose(out, fn(view, tokens), rtol=1e-5, atol=1e-5)
+
+
+class NNXBlock(nnx.Module):
+    """NNX GQA projections with nnx.Einsum (a fused kv kernel), an Embed and a Linear head."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(13, 8, rngs=rngs)
+        self.q = nnx.Einsum("btd,dnh->btnh", (8, 4, 2), rngs=rngs)
+        self.kv = nnx.Einsum("btd,cdkh->cbtkh", (2, 8, 2, 2), rngs=rngs)
+        self.out = nnx.Einsum("btnh,nhd->btd", (4, 2, 8), rngs=rngs)
+        self.head = nnx.Linear(8, 13, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens)
+        q = self.q(x)
+        k, v = (jnp.repeat(t, 2, axis=2) for t in self.kv(x))
+        w = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k), axis=-1)
+        return self.head(x + self.out(jnp.einsum("bnts,bsnh->btnh", w, v)))
+
+
+def test_nnx_einsum_gqa_runs_integer():
+    graphdef, params = nnx.split(NNXBlock(nnx.Rngs(0)))
+    fn = lambda s, t: nnx.merge(graphdef, s)(t)  # noqa: E731
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 13, (3, 5)), jnp.int32)
+    layouts = mixjax_layout.learn(fn, params, tokens)
+    weights = quant.fake_quant(8, layouts=layouts)
+    wstate = weights.init(params)
+    view = weights.apply(params, wstate)
+    act = activations.activation_quant(8, observer=observers.minmax_observer())
+    astate = quant.calibrate(act, fn, view, act.init(fn, view, tokens), [tokens])
+    artifact = export.compress(params, weights, wstate)
+    int_model = export.integer_model(fn, artifact, tokens, act=act, act_state=astate, like=params)
+    assert {row.site: row.way for row in int_model.table if row.way != "float"} == {
+        f"{n}/kernel": integer.INT8 for n in ("q", "kv", "out", "head")
+    }
+    restored = artifact.params(like=params)
+    out = jax.jit(lambda m, t: export.integer_apply(m, fn, restored, t))(int_model, tokens)
+    check_close(out.reshape(-1, 13), act.apply(fn, astate, view, tokens)[0].reshape(-1, 13))
 
 
 def test_errors():
@@ -230,22 +380,33 @@ def test_errors():
     empty = {k: observers.minmax_observer().init() for k in p.astate}
     with pytest.raises(
         ValueError,
-        match=r"integer_model: layers \['Dense_0', 'Dense_1', 'Dense_2'\] have no activation range",
+        match=r"integer_model: sites \['Dense_0/kernel', 'Dense_1/kernel', 'Dense_2/kernel'\] "
+        "have no activation range",
     ):
         p.int_model(empty)
     with pytest.raises(
         ValueError, match="integer_model: integer inference needs activations of <= 8 bits, got 12"
     ):
-        export.integer_model(p.artifact, activations.activation_quant(12), p.astate)
-    params = numpy_init(MLP(), x)
-    for weights, match in [
-        (quant.fake_quant(8, symmetric=False), "got bits=8, zero_point=nonzero"),
-        (quant.fake_quant(12), "got bits=12, zero_point=0"),
-    ]:
-        bad = export.compress(params, weights, jax.jit(weights.init)(params))
-        with pytest.raises(
-            ValueError,
-            match=r"kernel 'Dense_0/kernel' must be symmetric \(zero point 0\) with <= 8 bits "
-            f"for the integer path, {match}",
-        ):
-            export.integer_model(bad, p.act, p.astate)
+        export.integer_model(
+            p.fn, p.artifact, x, act=activations.activation_quant(12), act_state=p.astate
+        )
+    with pytest.raises(ValueError, match="give act and act_state together"):
+        export.integer_model(p.fn, p.artifact, x, act=p.act)
+    with pytest.raises(ValueError, match=r"act_state has sites \['Conv_9/kernel'\] this model"):
+        export.integer_model(
+            p.fn,
+            p.artifact,
+            x,
+            act=p.act,
+            act_state={**p.astate, "Conv_9/kernel": p.astate["Dense_0/kernel"]},
+        )
+    with pytest.raises(ValueError, match=r"integer_model: the model rejects its input"):
+        export.integer_model(p.fn, p.artifact, x[:, :3], act=p.act, act_state=p.astate)
+    int_model = p.int_model()
+
+    def another_model(params, x):  # uses Dense_0's kernel twice: a site it was not prepared for
+        kernel = params["Dense_0"]["kernel"]
+        return (x.reshape(-1, 64) @ kernel) @ kernel.T
+
+    with pytest.raises(ValueError, match=r"integer_apply: site 'Dense_0/kernel@1' was not found"):
+        export.integer_apply(int_model, another_model, p.artifact.params(), x)

@@ -126,6 +126,35 @@ def test_conv_2d_with_a_mask_and_fake_quantization_in_between():
     assert found["layers_2/kernel"] == Layout("dense", (0,), (1,))
 
 
+class PreNorm(nn.Module):
+    """Parameters that meet the activations elementwise, written as ViTs and GPTs write them: a
+    class token concatenated to the patches, a position embedding added, a LayerNorm scale."""
+
+    @nn.compact
+    def __call__(self, x):
+        token = self.param("cls", nn.initializers.normal(0.1), (1, 1, x.shape[-1]))
+        x = jnp.concatenate([jnp.broadcast_to(token, (x.shape[0], 1, x.shape[-1])), x], axis=1)
+        x = x + self.param("position", nn.initializers.normal(0.1), x.shape[1:])
+        return nn.Dense(3)(nn.LayerNorm()(x))
+
+
+def test_parameters_that_meet_activations_are_not_kernels_even_at_batch_one():
+    """At batch 1 a bias, a norm scale or a class token has the activations' shape; what they
+    combine with the input is data, never the kernel of the matmul that follows."""
+    model = PreNorm()
+    x = jnp.ones((1, 4, 6))
+    params = model.init(jax.random.key(0), x)["params"]
+    found = flat(layout.learn(lambda p, x: model.apply({"params": p}, x), params, x))
+    assert found == {
+        "Dense_0/bias": None,
+        "Dense_0/kernel": Layout("dense", (0,), (1,)),
+        "LayerNorm_0/bias": None,
+        "LayerNorm_0/scale": None,
+        "cls": None,
+        "position": None,
+    }
+
+
 def test_reshaped_and_transposed_kernels():
     def forward(p, x):
         w = p["w"].reshape(2, 3, 4).transpose(2, 0, 1)  # (12, 4) -> (4, 2, 3)

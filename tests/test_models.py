@@ -1,4 +1,6 @@
-"""Tests for mixjax.models: shapes on several image sizes, parameter counts, NNX = linen, errors.
+"""Tests for mixjax.models: the registry, shapes on several image sizes, parameter counts of the
+LeNet-like classifiers, NNX = linen, errors. (ResNet-20, ViT and GPT have their own tests in
+``test_models_reference.py``; here they are checked as registry entries.)
 
 Parameters come from ``jax.eval_shape`` filled with NumPy draws: running Flax's random
 initializers eagerly compiles one kernel per parameter shape, seconds each on a busy CPU.
@@ -18,19 +20,28 @@ from mixjax.select import leaves_with_paths
 SHAPES = [(8, 8, 1), (28, 28, 1), (32, 32, 3)]
 
 
-def _abstract(model, shape):
-    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, *shape), jnp.float32))
+def _abstract(model, shape, dtype=jnp.float32):
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, *shape), dtype))
 
 
-def _params(model, shape, seed=0):
-    """Concrete variables with the model's structure, drawn with NumPy (scaled like LeCun)."""
+def _params(model, shape, seed=0, dtype=jnp.float32):
+    """Concrete variables with the model's structure: parameters drawn with NumPy (scaled like
+    LeCun), other collections (batch statistics) ones."""
     rng = np.random.default_rng(seed)
 
     def draw(leaf):
         fan_in = math.prod(leaf.shape[:-1]) or 1
         return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
 
-    return jax.tree.map(draw, _abstract(model, shape))
+    variables = dict(_abstract(model, shape, dtype))
+    others = {k: jax.tree.map(lambda x: np.ones(x.shape, x.dtype), v) for k, v in variables.items()}
+    return {**others, "params": jax.tree.map(draw, variables["params"])}
+
+
+IMAGE_MODELS = sorted(n for n, info in models.MODELS.items() if info.task == "image")
+LM_MODELS = sorted(n for n, info in models.MODELS.items() if info.task == "lm")
+# The classifiers built from a layer Spec (LeNet-like): their parameters count from it.
+SPEC_MODELS = sorted(n for n in IMAGE_MODELS if hasattr(models.create(n, 2), "spec"))
 
 
 def _expected_params(spec, shape, num_classes):
@@ -48,7 +59,7 @@ def _expected_params(spec, shape, num_classes):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize("name", SPEC_MODELS)
 def test_output_shapes_and_param_counts(name, shape):
     model = models.create(name, 7)
     variables = _abstract(model, shape)
@@ -67,11 +78,49 @@ def test_init_runs():
     assert float(jnp.abs(variables["params"]["Dense_0"]["kernel"]).max()) > 0
 
 
+def test_registry():
+    assert SPEC_MODELS == ["lenet300100", "lenet5", "small_cnn"]
+    assert IMAGE_MODELS == ["lenet300100", "lenet5", "resnet20", "small_cnn", "vit_tiny"]
+    assert LM_MODELS == ["gpt_tiny"]
+    for name, info in models.MODELS.items():
+        assert info.task in models.TASKS and set(info.sizes) <= set(models.SIZES), name
+    assert models.create("resnet20", 3).width == models.MODELS["resnet20"].sizes["width"] == 4
+    vit = models.create("vit_tiny", 3, width=32, depth=1)
+    assert (vit.dim, vit.mlp_dim, vit.depth, vit.heads, vit.patch_size) == (32, 64, 1, 4, 4)
+    gpt = models.create("gpt_tiny", 65, context=16)
+    assert (gpt.vocab_size, gpt.context, gpt.layers, gpt.dim) == (65, 16, 4, 128)
+    assert models.create("small_cnn", 3, width=8).width == 8
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+def test_every_image_model_maps_images_to_logits(name, shape):
+    model = models.create(name, 7)
+    out = jax.eval_shape(model.apply, _abstract(model, shape), jnp.zeros((3, *shape)))
+    assert out.shape == (3, 7) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", LM_MODELS)
+def test_every_language_model_maps_tokens_to_next_token_logits(name):
+    model = models.create(name, 11, context=16)
+    tokens = jnp.zeros((3, 16), jnp.int32)
+    out = jax.eval_shape(model.apply, _abstract(model, (16,), jnp.int32), tokens)
+    assert out.shape == (3, 16, 11) and out.dtype == jnp.float32
+
+
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_forward_runs(name, harness):
-    model = models.create(name, 5)
-    logits = harness(model.apply)(_params(model, (8, 8, 1)), jnp.ones((3, 8, 8, 1)))
-    assert logits.shape == (3, 5) and logits.dtype == jnp.float32
+    info = models.MODELS[name]
+    small = {k: v for k, v in {"width": 8, "depth": 1, "heads": 2}.items() if k in info.sizes}
+    model = models.create(name, 5, **small)
+    if info.task == "image":
+        shape, x, logits_shape = (8, 8, 1), jnp.ones((3, 8, 8, 1)), (3, 5)
+    else:
+        shape, x, logits_shape = (8,), jnp.ones((3, 8), jnp.int32), (3, 8, 5)
+    variables = _params(model, shape, dtype=x.dtype)
+    kwargs = {} if info.train_kwarg is None else {info.train_kwarg: False}
+    logits = harness(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
+    assert logits.shape == logits_shape and logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
 
 
@@ -141,7 +190,15 @@ def test_nnx_init_runs():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: models.create("resnet", 10), r"create: unknown model 'resnet'; valid: \['lenet3"),
+        (lambda: models.create("resnet", 10), r"create: unknown model 'resnet'; valid: \['gpt_t"),
+        (
+            lambda: models.create("lenet5", 10, width=4),
+            r"create: model 'lenet5' takes no size 'width' \(its sizes: none\)",
+        ),
+        (
+            lambda: models.create("resnet20", 10, heads=2),
+            r"create: model 'resnet20' takes no size 'heads' \(its sizes: width\)",
+        ),
         (
             lambda: models.create("lenet5", 0),
             "LeNet5: num_classes must be an integer >= 1, got num_classes=0",

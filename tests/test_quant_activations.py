@@ -11,7 +11,7 @@ from flax import nnx
 from mixjax import quant
 from mixjax.quant import activations, observers
 
-LAYERS = ["Conv_0", "Dense_0", "Dense_1"]
+LAYERS = ["Conv_0/kernel", "Dense_0/kernel", "Dense_1/kernel"]
 
 
 class Net(nn.Module):
@@ -55,8 +55,8 @@ def data(seed=0, n=6):
 @pytest.fixture(scope="module")
 def setup():
     model = Net()
-    variables = numpy_init(model.init, jax.random.key(0), data())
-    return model, variables, (lambda x: model.apply(variables, x))
+    params = numpy_init(model.init, jax.random.key(0), data())["params"]
+    return model, params, (lambda p, x: model.apply({"params": p}, x))
 
 
 def np_qparams(lo, hi):
@@ -82,39 +82,41 @@ def manual_forward(params, x, ranges=None):
         seen[name] = (np.min(h), np.max(h))
         return jnp.asarray(np_fq(h, lo, hi))
 
-    p = params["params"]
+    p = params
     h = jax.lax.conv_general_dilated(
-        fq("Conv_0", x),
+        fq("Conv_0/kernel", x),
         p["Conv_0"]["kernel"],
         (1, 1),
         "SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
     h = jax.nn.relu(h + p["Conv_0"]["bias"]).reshape(x.shape[0], -1)
-    h = jax.nn.relu(fq("Dense_0", h) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
-    return fq("Dense_1", h) @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"], seen
+    h = jax.nn.relu(fq("Dense_0/kernel", h) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    return fq("Dense_1/kernel", h) @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"], seen
 
 
 def test_init_finds_the_dense_and_conv_layers(setup):
-    _, _, fn = setup
+    _, P, fn = setup
     act = activations.activation_quant(8)
-    state = act.init(fn, data())
+    state = act.init(fn, P, data())
     assert sorted(state) == LAYERS
     assert all(int(s.count) == 0 for s in state.values())
-    assert sorted(activations.activation_quant(8, output=True).init(fn, data())) == [
+    assert sorted(activations.activation_quant(8, output=True).init(fn, P, data())) == [
         *LAYERS,
         "__output__",
     ]
-    assert sorted(activations.activation_quant(8, where="Dense_.*").init(fn, data())) == LAYERS[1:]
+    assert (
+        sorted(activations.activation_quant(8, where="Dense_.*").init(fn, P, data())) == LAYERS[1:]
+    )
 
 
 def test_train_mode_matches_the_layerwise_reference(setup, harness):
-    model, variables, fn = setup
+    model, P, fn = setup
     x = data()
     act = activations.activation_quant(8, observer=observers.minmax_observer())
-    state = act.init(fn, x)
-    out, new = harness(lambda s, x: act.apply(fn, s, x, mode="train"))(state, x)
-    ref, seen = manual_forward(variables, x)
+    state = act.init(fn, P, x)
+    out, new = harness(lambda s, x: act.apply(fn, s, P, x, mode="train"))(state, x)
+    ref, seen = manual_forward(P, x)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     for name in LAYERS:
         assert int(new[name].count) == 1
@@ -122,37 +124,37 @@ def test_train_mode_matches_the_layerwise_reference(setup, harness):
 
 
 def test_eval_mode_uses_stored_ranges_and_keeps_the_state(setup, harness):
-    _, variables, fn = setup
+    _, P, fn = setup
     act = activations.activation_quant(8)
-    ranges = {"Conv_0": (-1.0, 1.0), "Dense_0": (0.0, 0.5), "Dense_1": (0.0, 2.0)}
+    ranges = dict(zip(LAYERS, [(-1.0, 1.0), (0.0, 0.5), (0.0, 2.0)], strict=True))
     state = {
         k: observers.ObserverState(jnp.float32(lo), jnp.float32(hi), jnp.int32(3))
         for k, (lo, hi) in ranges.items()
     }
     x = data(1)
-    out, same = harness(lambda s, x: act.apply(fn, s, x))(state, x)
-    ref, _ = manual_forward(variables, x, ranges)
+    out, same = harness(lambda s, x: act.apply(fn, s, P, x))(state, x)
+    ref, _ = manual_forward(P, x, ranges)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     for k in state:
         np.testing.assert_array_equal(same[k], state[k])
 
 
 def test_clipped_ste_on_activations(setup):
-    _, _, fn = setup
+    _, P, fn = setup
     act = activations.activation_quant(8)
     state = {
         k: observers.ObserverState(jnp.float32(-0.5), jnp.float32(0.5), jnp.int32(1))
         for k in LAYERS
     }
     x = data(2)
-    g = jax.jit(jax.grad(lambda x: jnp.sum(act.apply(fn, state, x)[0])))(x)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(act.apply(fn, state, P, x)[0])))(x)
     saturated = np.abs(np.asarray(x)) > 0.51
     assert saturated.any() and np.all(np.asarray(g)[saturated] == 0)
     assert np.any(np.asarray(g)[~saturated] != 0)
     g_id = jax.jit(
         jax.grad(
             lambda x: jnp.sum(
-                activations.activation_quant(8, ste="identity").apply(fn, state, x)[0]
+                activations.activation_quant(8, ste="identity").apply(fn, state, P, x)[0]
             )
         )
     )(x)
@@ -160,117 +162,187 @@ def test_clipped_ste_on_activations(setup):
 
 
 def test_calibrate_mode_is_the_float_forward_and_unobserved_layers_pass_through(setup):
-    _, _, fn = setup
+    _, P, fn = setup
     act = activations.activation_quant(8)
-    state = act.init(fn, data())
+    state = act.init(fn, P, data())
     x = data(3)
-    out, new = jax.jit(lambda s, x: act.apply(fn, s, x, mode="calibrate"))(state, x)
-    np.testing.assert_array_equal(out, fn(x))
+    out, new = jax.jit(lambda s, x: act.apply(fn, s, P, x, mode="calibrate"))(state, x)
+    np.testing.assert_array_equal(out, fn(P, x))
     assert all(int(new[k].count) == 1 for k in LAYERS)
-    out_eval, _ = act.apply(fn, state, x)  # nothing observed yet: nothing quantized
-    np.testing.assert_array_equal(out_eval, fn(x))
+    out_eval, _ = act.apply(fn, state, P, x)  # nothing observed yet: nothing quantized
+    np.testing.assert_array_equal(out_eval, fn(P, x))
 
 
 def test_calibrate_is_deterministic_and_counts_batches(setup):
-    _, _, fn = setup
+    _, P, fn = setup
     act = activations.activation_quant(8, observer=observers.percentile_observer(99.0))
-    state = act.init(fn, data())
+    state = act.init(fn, P, data())
     xs = [data(s) for s in range(4)]
-    a = quant.calibrate(act, fn, state, xs)
-    b = quant.calibrate(act, fn, state, ((x,) for x in xs + xs), num_batches=4)
+    a = quant.calibrate(act, fn, P, state, xs)
+    b = quant.calibrate(act, fn, P, state, ((x,) for x in xs + xs), num_batches=4)
     for k in LAYERS:
         np.testing.assert_array_equal(a[k], b[k])
         assert int(a[k].count) == 4
 
 
 def test_calibrate_errors(setup):
-    _, _, fn = setup
+    _, P, fn = setup
     act = activations.activation_quant(8)
-    state = act.init(fn, data())
+    state = act.init(fn, P, data())
     with pytest.raises(ValueError, match="calibrate: batches is empty"):
-        quant.calibrate(act, fn, state, [])
+        quant.calibrate(act, fn, P, state, [])
     with pytest.raises(
         ValueError,
         match="calibrate: num_batches must be None or an integer >= 1, got num_batches=0",
     ):
-        quant.calibrate(act, fn, state, [data()], num_batches=0)
+        quant.calibrate(act, fn, P, state, [data()], num_batches=0)
 
 
 def test_output_quantization(setup):
-    _, _, fn = setup
+    _, P, fn = setup
     act = activations.activation_quant(8, output=True, observer=observers.minmax_observer())
     x = data(4)
-    state = act.init(fn, x)
-    out, state = jax.jit(lambda s, x: act.apply(fn, s, x, mode="train"))(state, x)
+    state = act.init(fn, P, x)
+    out, state = jax.jit(lambda s, x: act.apply(fn, s, P, x, mode="train"))(state, x)
     s, z = act.qparams(state["__output__"])
     codes = np.asarray(out) / float(s) + float(z)
     np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
     assert act.grid.qmin == -128 and act.grid.qmax == 127
     with pytest.raises(ValueError, match="output=True but the state has no '__output__' entry"):
-        act.apply(fn, {k: v for k, v in state.items() if k != "__output__"}, x)
-    with pytest.raises(TypeError, match="output=True needs fn to return a float array, got tuple"):
-        act.apply(lambda x: (fn(x), fn(x)), state, x)
+        act.apply(fn, {k: v for k, v in state.items() if k != "__output__"}, P, x)
+    with pytest.raises(TypeError, match="output=True needs fn to return a float array, got dict"):
+        act.apply(lambda p, x: {"logits": fn(p, x)}, state, P, x)
+    # (logits, model_state), as a training-step model returns: the logits are quantized.
+    (pair, extra), _ = act.apply(lambda p, x: (fn(p, x), x), state, P, x)
+    np.testing.assert_array_equal(pair, out)
+    np.testing.assert_array_equal(extra, x)
 
 
 def test_nonfinite_inputs_propagate_and_do_not_spoil_observers(setup):
-    _, _, fn = setup
+    _, P, fn = setup
     act = activations.activation_quant(8)
     x = data(5).at[0, 0, 0, 0].set(jnp.nan)
-    state = act.init(fn, x)
-    out, state = jax.jit(lambda s, x: act.apply(fn, s, x, mode="train"))(state, x)
+    state = act.init(fn, P, x)
+    out, state = jax.jit(lambda s, x: act.apply(fn, s, P, x, mode="train"))(state, x)
     assert np.all(np.isnan(out[0])) and np.all(np.isfinite(out[1:]))
     assert all(np.isfinite(state[k].min) and np.isfinite(state[k].max) for k in LAYERS)
 
 
 def test_nnx_path_matches_linen(setup):
-    _, variables, fn = setup
-    model = nnx_net(variables["params"])
-    reference = model(data())
-    assert activations.instrument(model) is model
-    activations.instrument(model)  # idempotent
-    np.testing.assert_array_equal(model(data()), reference)  # no apply running: plain ops
+    """An NNX model (merged from its state inside fn) has the same sites as the linen one."""
+    _, P, fn = setup
+    graphdef, params = nnx.split(nnx_net(P))
+    nnx_fn = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
     act = activations.activation_quant(8, observer=observers.minmax_observer())
-    state = act.init(model, data())
+    state = act.init(nnx_fn, params, data())
     assert sorted(state) == LAYERS
-
-    @nnx.jit
-    def step(model, state, x):
-        return act.apply(model, state, x, mode="train")
-
-    out, new = step(model, state, data())
-    out_linen, new_linen = jax.jit(lambda s, x: act.apply(fn, s, x, mode="train"))(state, data())
+    out, new = jax.jit(lambda s, x: act.apply(nnx_fn, s, params, x, mode="train"))(state, data())
+    out_linen, new_linen = jax.jit(lambda s, x: act.apply(fn, s, P, x, mode="train"))(state, data())
     np.testing.assert_allclose(out, out_linen, rtol=1e-5, atol=1e-6)
     for k in LAYERS:
         np.testing.assert_allclose(new[k], new_linen[k], rtol=1e-6)
-    graphdef, params = nnx.split(model)
 
     def loss(params, state, x):
-        out, state = act.apply(nnx.merge(graphdef, params), state, x, mode="train")
+        out, state = act.apply(nnx_fn, state, params, x, mode="train")
         return jnp.sum(out**2), state
 
     grads, _ = jax.jit(jax.grad(loss, has_aux=True))(params, state, data())
     assert np.all(np.isfinite(grads["Dense_0"]["kernel"][...]))
 
 
-def test_errors(setup):
-    _, _, fn = setup
+class Attention(nn.Module):
+    """Self-attention written as users write it: a learned position embedding and a LayerNorm
+    (parameters that meet the activations elementwise: still activations), DenseGeneral
+    projections, an einsum between activations (not a site), an Embed whose table also decodes
+    (tied)."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(11, 8)
+        position = self.param("position", nn.initializers.normal(0.1), (tokens.shape[1], 8))
+        x = nn.LayerNorm()(embed(tokens) + position)
+        q, k, v = (nn.DenseGeneral((2, 4), name=n)(x) for n in "qkv")
+        weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+        mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return embed.attend(nn.DenseGeneral(8, axis=(-2, -1), name="out")(mixed))
+
+
+class GQA(nnx.Module):
+    """NNX grouped-query attention projections with nnx.Einsum (a fused kv kernel)."""
+
+    def __init__(self, rngs):
+        self.q = nnx.Einsum("btd,dnh->btnh", (8, 4, 2), rngs=rngs)
+        self.kv = nnx.Einsum("btd,cdkh->cbtkh", (2, 8, 2, 2), rngs=rngs)
+        self.out = nnx.Einsum("btnh,nhd->btd", (4, 2, 8), rngs=rngs)
+
+    def __call__(self, x):
+        q = self.q(x)
+        k, v = self.kv(x)
+        k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+        w = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k), axis=-1)
+        return self.out(jnp.einsum("bnts,bsnh->btnh", w, v))
+
+
+def test_attention_sites_are_the_parameter_matmuls_of_any_layer_type():
+    model = Attention()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (3, 5)))
+    params = numpy_init(model.init, jax.random.key(0), tokens)["params"]
+    fn = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
+    act = activations.activation_quant(8, observer=observers.minmax_observer())
+    state = act.init(fn, params, tokens)
+    # The lookup and the activation x activation einsums are not sites; the tied decode is.
+    assert list(state) == ["q/kernel", "k/kernel", "v/kernel", "out/kernel", "Embed_0/embedding@1"]
+    out, new = jax.jit(lambda s, t: act.apply(fn, s, params, t, mode="train"))(state, tokens)
+    x = fn(params, tokens)
+    assert out.shape == x.shape == (3, 5, 11)
+    assert all(int(s.count) == 1 for s in new.values())
+    assert not np.allclose(out, x)  # quantized
+
+    gqa = GQA(nnx.Rngs(0))
+    graphdef, nnx_params = nnx.split(gqa)
+    nnx_fn = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+    x = data(6).reshape(2, 6, 8)
+    state = act.init(nnx_fn, nnx_params, x)
+    assert list(state) == ["q/kernel", "kv/kernel", "out/kernel"]
+
+
+def test_parameters_used_inside_a_scan_are_named_in_a_warning():
+    rng = np.random.default_rng(0)
+    params = {
+        "stack": jnp.asarray(rng.normal(size=(3, 4, 4)), jnp.float32),
+        "head": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32),
+    }
+
+    def fn(p, x):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["stack"])
+        return h @ p["head"]
+
     act = activations.activation_quant(8)
-    state = act.init(fn, data())
+    with pytest.warns(UserWarning, match=r"not quantized: \{'stack': 'scan'\}"):
+        state = act.init(fn, params, jnp.ones((2, 4)))
+    assert list(state) == ["head"]
+
+
+def test_errors(setup):
+    _, P, fn = setup
+    act = activations.activation_quant(8)
+    state = act.init(fn, P, data())
     with pytest.raises(
         ValueError, match=r"mode must be one of \('train', 'eval', 'calibrate'\), got mode='fit'"
     ):
-        act.apply(fn, state, data(), mode="fit")
+        act.apply(fn, state, P, data(), mode="fit")
     with pytest.raises(TypeError, match="state must be the dict made by init, got list"):
-        act.apply(fn, [], data())
+        act.apply(fn, [], P, data())
     with pytest.raises(
         ValueError,
-        match=r"layer 'Dense_1' has no observer state \(the state has \['Conv_0', 'Dense_0'\]\)",
+        match=r"site 'Dense_1/kernel' has no observer state \(the state has "
+        r"\['Conv_0/kernel', 'Dense_0/kernel'\]\)",
     ):
-        act.apply(fn, {k: state[k] for k in LAYERS[:2]}, data())
-    with pytest.raises(ValueError, match="init found no Dense/Conv layer to quantize"):
-        act.init(lambda x: x * 2, data())
-    with pytest.raises(ValueError, match="init found no Dense/Conv layer to quantize"):
-        act.init(nnx_net(setup[1]["params"]), data())  # NNX without instrument
+        act.apply(fn, {k: state[k] for k in LAYERS[:2]}, P, data())
+    with pytest.raises(ValueError, match="init found no matmul or convolution of a parameter"):
+        act.init(lambda p, x: x * 2, P, data())
+    with pytest.raises(ValueError, match=r"the model rejects its input \(ScopeParamShapeError"):
+        act.init(fn, P, data()[..., 0])  # the conv needs a channel axis
     with pytest.raises(TypeError, match="observer must be a mixjax.quant.Observer, got function"):
         activations.activation_quant(8, observer=lambda s, x: s)
     with pytest.raises(
@@ -280,20 +352,20 @@ def test_errors(setup):
         activations.activation_quant(1)
     with pytest.raises(ValueError, match="quant.activation_quant: ste must be one of"):
         activations.activation_quant(8, ste="none")
-    with pytest.raises(TypeError, match="instrument: model must be an nnx.Module, got Net"):
-        activations.instrument(Net())
+    with pytest.raises(TypeError, match="act must be a mixjax.quant.ActivationQuant, got int"):
+        activations.quantized_apply(fn, 8)
 
 
 def test_a_jitted_train_step_compiles_once(setup):
     chex.clear_trace_counter()
-    _, _, fn = setup
+    _, P, fn = setup
     act = activations.activation_quant(8, output=True)
-    state = act.init(fn, data())
+    state = act.init(fn, P, data())
 
     @jax.jit
     @chex.assert_max_traces(n=1)
     def step(state, x):
-        return act.apply(fn, state, x, mode="train")[1]
+        return act.apply(fn, state, P, x, mode="train")[1]
 
     for seed in range(3):
         state = step(state, data(seed))

@@ -240,7 +240,7 @@ def test_prune_cluster_quantize_compose():
     for layer in KERNELS:
         v = np.asarray(view[layer]["kernel"])
         np.testing.assert_array_equal(v == 0, np.asarray(pruned[layer]["kernel"]) == 0)
-        assert _max_distinct(v, True) <= K
+        assert _max_distinct(v, False) <= K  # per-channel scales follow the per-tensor codebook
 
 
 def test_update_every_reclusters_inside_jit_and_compiles_once():

@@ -286,33 +286,31 @@ def test_nnx_model_state_is_carried():
 
 
 def test_activation_observers_as_model_state():
+    """quantized_apply keeps the observers in the model state; a model without state of its own
+    keeps None beside them."""
     module = MLP()
     images = jnp.asarray(make_data(BATCH, 0)["image"])
     params = module.init(jax.random.key(0), images)["params"]
     act = activations.activation_quant(8)
-    base = train.linen_apply(module)
-
-    def apply_fn(params, act_state, images, *, train, key):
-        fn = lambda x: base(params, None, x, train=train, key=key)[0]
-        return act.apply(fn, act_state, images, mode="train" if train else "eval")
-
-    act_state = act.init(lambda x: module.apply({"params": params}, x), images)
+    qat = activations.quantized_apply(train.linen_apply(module), act)
+    model_state = qat.init(params, None, images)
     tx = optax.sgd(0.1)
-    state = train.init_train_state(params, tx, key=jax.random.key(0), model_state=act_state)
-    new, metrics = train.make_train_step(apply_fn, tx, steps_per_call=2)(state, stacked(2, 0))
-    assert sorted(new.model_state) == sorted(act_state) == ["Dense_0", "Dense_1"]
-    for observed in new.model_state.values():
+    state = train.init_train_state(params, tx, key=jax.random.key(0), model_state=model_state)
+    new, metrics = train.make_train_step(qat.apply, tx, steps_per_call=2)(state, stacked(2, 0))
+    assert sorted(new.model_state["act"]) == ["Dense_0/kernel", "Dense_1/kernel"]
+    assert new.model_state["model"] is None
+    for observed in new.model_state["act"].values():
         assert int(observed.count) == 2 and float(observed.max) > float(observed.min)
     batch = make_data(BATCH, 5)
 
     @jax.jit
     def expected_loss(params, act_state, images, labels):
-        fn = lambda x: module.apply({"params": params}, x)
-        logits, _ = act.apply(fn, act_state, images)
+        fn = lambda p, x: module.apply({"params": p}, x)
+        logits, _ = act.apply(fn, act_state, params, images)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    expected = expected_loss(new.params, new.model_state, batch["image"], batch["label"])
-    np.testing.assert_allclose(train.make_eval_step(apply_fn)(new, batch)["loss"], expected, 1e-5)
+    expected = expected_loss(new.params, new.model_state["act"], batch["image"], batch["label"])
+    np.testing.assert_allclose(train.make_eval_step(qat.apply)(new, batch)["loss"], expected, 1e-5)
 
 
 def test_adapters_match_direct_calls(harness):
@@ -751,9 +749,8 @@ def test_activation_quant_adapter_keeps_batch_stats():
 
     @jax.jit
     def expected_loss(params, model_state, images, labels):
-        variables = {"params": params, **model_state["model"]}
-        fn = lambda x: module.apply(variables, x, train=False)
-        logits, _ = act.apply(fn, model_state["act"], images)
+        fn = lambda p, x: module.apply({"params": p, **model_state["model"]}, x, train=False)
+        logits, _ = act.apply(fn, model_state["act"], params, images)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     expected = expected_loss(new.params, new.model_state, batch["image"], batch["label"])

@@ -1,9 +1,12 @@
 """The ``mixjax`` command and the library behind it (not imported by ``import mixjax``).
 
 * :mod:`~mixjax.app.cli`: ``mixjax run | report | eval``;
-* :mod:`~mixjax.app.config`: the settings of ``mixjax run`` (defaults, TOML, flags);
-* :mod:`~mixjax.app.pipeline`: :func:`mixjax.app.pipeline.run`, the whole job, and
-  :mod:`~mixjax.app.stages`, one stage of it;
+* :mod:`~mixjax.app.settings`: the settings of ``mixjax run``, one dataclass per section;
+* :mod:`~mixjax.app.config`: a run's configuration (task defaults, TOML, flags), checked;
+* :mod:`~mixjax.app.pipeline`: :func:`mixjax.app.pipeline.run`, the whole job (the image
+  pipeline); :mod:`~mixjax.app.lm`, the language-model pipeline (``--task lm``);
+  :mod:`~mixjax.app.stages`, one stage of either; :mod:`~mixjax.app.common`, what both share;
+  :mod:`~mixjax.app.pruning`, the kernels the image pipeline prunes;
 * :mod:`~mixjax.app.evaluate`: an artifact's metadata, evaluation and integer-path timing;
 * :mod:`~mixjax.app.plots`: the PNG plots of a report.
 """

@@ -3,6 +3,8 @@
 Examples::
 
     mixjax run                                    # embedded digits, defaults, ./mixjax-run
+    mixjax run --model resnet20 --output out      # ResNet-20 (BatchNorm) on the digits
+    mixjax run --task lm --dataset text:input.txt # GPT-tiny on a character corpus
     mixjax run --config run.toml --train-steps 500 --output out
     mixjax run --output out --resume              # continue from the latest checkpoints
     mixjax run --output out --overwrite           # start the run in out again
@@ -22,14 +24,16 @@ import json
 import sys
 from collections.abc import Sequence
 
+from mixjax import models
 from mixjax.app import config as config_lib
 
 __all__ = ["PROG", "UsageError", "build_parser", "main"]
 
 PROG = "mixjax"
 _CHOICES = {
+    "data.task": models.TASKS,
     "train.compensation": config_lib.COMPENSATIONS,
-    "train.model": ("lenet300100", "lenet5", "small_cnn"),
+    "train.model": tuple(sorted(models.MODELS)),
 }
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -53,6 +57,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         if section not in groups:
             groups[section] = parser.add_argument_group(f"[{section}] settings")
         default = field.default
+        if key in config_lib.LM_DEFAULTS and key != "data.task":
+            default = f"{default}; --task lm: {config_lib.LM_DEFAULTS[key]}"
         groups[section].add_argument(
             field.metadata["flag"],
             dest=key.replace(".", "__"),
@@ -89,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``mixjax`` argument parser with its ``run``, ``report`` and ``eval`` subcommands."""
     parser = _Parser(
         prog=PROG,
-        description="mixjax: train, compress, export and evaluate image classifiers.",
+        description="mixjax: train, compress, export and evaluate image classifiers and "
+        "character-level language models.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `mixjax COMMAND --help` for a command's options.",
     )
@@ -97,9 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="train, prune, cluster, QAT, export and evaluate (the whole pipeline)",
-        description="Train a CNN with augmentation and delayed-gradient updates, prune it "
-        "gradually, cluster and quantize it with QAT, export the artifact, evaluate float vs "
-        "compressed vs integer inference and write report.json and plots to --output.",
+        description="Train an image classifier with augmentation and delayed-gradient updates, "
+        "prune it gradually, cluster and quantize it with QAT, export the artifact, evaluate "
+        "float vs compressed vs integer inference and write report.json and plots to --output. "
+        "With --task lm: train a language model on --dataset text:FILE, prune it 2:4, quantize "
+        "its weights to int8 and to int4 in groups of 32, export the int4 artifact and report "
+        "the validation loss and perplexity of each.",
     )
     _add_run_options(run)
     report = commands.add_parser("report", help="print an artifact's per-leaf size table")
@@ -119,35 +129,60 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> config_lib.Config:
-    cfg = config_lib.load_toml(args.config) if args.config else config_lib.Config()
     changes = {
         key: getattr(args, key.replace(".", "__"))
         for key, _ in config_lib.options()
         if getattr(args, key.replace(".", "__")) is not None
     }
-    return config_lib.validate(config_lib.override(cfg, changes))
+    return config_lib.validate(config_lib.load(args.config or None, changes))
 
 
 def _summary(report: dict) -> str:
-    lines = ["| model | test accuracy | bytes | x dense |", "|---|---:|---:|---:|"]
+    lm = report["task"] == "lm"
+    columns = ["val loss", "perplexity"] if lm else ["test accuracy"]
+    lines = [
+        f"| model | {' | '.join(columns)} | bytes | x dense |",
+        "|---|" + "---:|" * (len(columns) + 2),
+    ]
     dense = report["bytes_dense"]
     for s in report["stages"]:
+        cells = (
+            [f"{s['val_loss']:.4f}", f"{s['perplexity']:.2f}"]
+            if lm
+            else [f"{100 * s['accuracy']:.2f}%"]
+        )
         lines.append(
-            f"| {s['stage']} | {100 * s['accuracy']:.2f}% | {s['bytes']} | "
-            f"{dense / s['bytes']:.1f}x |"
+            f"| {s['stage']} | {' | '.join(cells)} | {s['bytes']} | {dense / s['bytes']:.1f}x |"
         )
     rate = report["train_steps_per_second"]
-    lines += [
-        "",
-        f"accuracy float {100 * report['accuracy_float']:.2f}%, compressed "
-        f"{100 * report['accuracy_compressed']:.2f}%, integer "
-        f"{100 * report['accuracy_integer']:.2f}%; {report['bytes_compressed']} bytes, "
-        f"{report['compression_ratio']:.1f}x smaller than float32",
-        f"integer inference {report['inference_speedup_integer']:.2f}x the float forward; "
-        f"{'-' if rate is None else f'{rate:.0f}'} train steps/s; "
-        f"{report['timings_s']['total']:.0f} s in all",
-    ]
-    return "\n".join(lines)
+    size = (
+        f"{report['bytes_compressed']} bytes, {report['compression_ratio']:.1f}x smaller than "
+        "float32"
+    )
+    speed = f"{'-' if rate is None else f'{rate:.0f}'} train steps/s"
+    total = f"{report['timings_s']['total']:.0f} s in all"
+    if lm:
+        return "\n".join(
+            [
+                *lines,
+                "",
+                f"val loss float {report['val_loss_float']:.4f}, compressed "
+                f"{report['val_loss_compressed']:.4f} (perplexity {report['perplexity_float']:.2f} "
+                f"-> {report['perplexity_compressed']:.2f}); {size}",
+                f"{speed}; {total}",
+            ]
+        )
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"accuracy float {100 * report['accuracy_float']:.2f}%, compressed "
+            f"{100 * report['accuracy_compressed']:.2f}%, integer "
+            f"{100 * report['accuracy_integer']:.2f}%; {size}",
+            f"integer inference {report['inference_speedup_integer']:.2f}x the float forward; "
+            f"{speed}; {total}",
+        ]
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -197,6 +232,11 @@ def _eval(args: argparse.Namespace) -> int:
     from mixjax.app import evaluate
 
     artifact = export.load(args.path)
+    if artifact.metadata.get("task") == "lm":
+        raise ValueError(
+            f"{args.path!r} holds a language model; `mixjax eval` evaluates image classifiers "
+            "(the validation loss and perplexity of a --task lm run are in its report.json)"
+        )
     try:  # metadata and leaves checked against the model before any data is read
         fns = evaluate.forwards(artifact)
     except ValueError as err:

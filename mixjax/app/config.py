@@ -1,8 +1,7 @@
-"""The configuration of ``mixjax run``: a tree of frozen dataclasses with validated defaults.
+"""The configuration of ``mixjax run``: built from defaults, a TOML file and options, checked.
 
-Each section is a dataclass whose fields carry their command-line flag and help text in
-``metadata``, so the TOML loader, the command-line parser (:mod:`mixjax.app.cli`) and the defaults
-come from one place. A TOML file uses the section names as tables::
+The sections and their fields (each with its flag and help text) are the frozen dataclasses of
+:mod:`mixjax.app.settings`, re-exported here. A TOML file uses the section names as tables::
 
     [train]
     steps = 2000
@@ -11,9 +10,13 @@ come from one place. A TOML file uses the section names as tables::
     [compress]
     clusters = 8
 
-:func:`load_toml` reads such a file over the defaults (an unknown table or key is an error that
-names it), :func:`override` applies ``{"section.field": value}`` changes (the command-line
-options), and :func:`validate` checks every value once, before anything runs.
+The dataclass defaults are the image task's; :func:`defaults` gives a task's
+(``defaults("lm")`` replaces the keys of :data:`LM_DEFAULTS`). :func:`load` builds a run's
+configuration: the defaults of its task (``data.task`` of the changes or the file), then the TOML
+file, then the changes (the command-line options). :func:`load_toml` reads such a file over a
+configuration (an unknown table or key is an error that names it), :func:`override` applies
+``{"section.field": value}`` changes, and :func:`validate` checks every value once, before
+anything runs, including the combinations a task allows (:data:`IMAGE_ONLY`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,20 @@ from typing import Any
 
 import numpy as np
 
-from mixjax import _checks
+from mixjax import _checks, models
+from mixjax.app.settings import (
+    COMPENSATIONS,
+    IMAGE_ONLY,
+    LM_DEFAULTS,
+    Compress,
+    Config,
+    Data,
+    Model,
+    Run,
+    Train,
+    base_type,
+    options,
+)
 from mixjax.data.loaders import MAX_CLASSES
 
 if sys.version_info >= (3, 11):
@@ -35,138 +51,32 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-COMPENSATIONS = ("none", "dc", "dc_adaptive")
 MAX_SEED = 2**32 - 1
 MAX_TAU = 1024
 _NAME = "mixjax.app.config"
 
 __all__ = [
     "COMPENSATIONS",
+    "IMAGE_ONLY",
+    "LM_DEFAULTS",
     "MAX_SEED",
     "MAX_TAU",
     "Compress",
     "Config",
     "Data",
+    "Model",
     "Run",
     "Train",
     "as_dict",
     "base_type",
+    "defaults",
+    "load",
     "load_toml",
+    "model_sizes",
     "options",
     "override",
     "validate",
 ]
-
-
-def _opt(default: Any, flag: str, text: str) -> Any:
-    return dataclasses.field(default=default, metadata={"flag": flag, "help": text})
-
-
-@dataclasses.dataclass(frozen=True)
-class Data:
-    """Dataset and batching."""
-
-    dataset: str = _opt(
-        "digits",
-        "--dataset",
-        "dataset: 'digits' (embedded, offline), a prepared TFDS name, 'idx:DIR' or 'npz:FILE'",
-    )
-    num_classes: int | None = _opt(
-        None,
-        "--num-classes",
-        "the dataset's classes; none: the TFDS label's count, else max(label) + 1 (refused when "
-        "most of those classes have no example)",
-    )
-    batch_size: int = _opt(128, "--batch-size", "examples per float-stage training step")
-    degrees: float = _opt(
-        10.0, "--degrees", "float-stage augmentation: largest random rotation (degrees)"
-    )
-    translate: float = _opt(
-        0.125,
-        "--translate",
-        "float-stage augmentation: largest random shift (fraction of the image size)",
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Train:
-    """The float stage: delayed-gradient (asynchronous) Adam with augmentation."""
-
-    model: str = _opt("lenet5", "--model", "model: lenet5, lenet300100 or small_cnn")
-    steps: int = _opt(5000, "--train-steps", "float training steps")
-    lr: float = _opt(3e-3, "--lr", "float-stage peak learning rate (cosine decay to 0)")
-    weight_decay: float = _opt(1e-3, "--weight-decay", "float-stage AdamW weight decay")
-    tau: int = _opt(2, "--tau", "gradient staleness in steps (delayed updates; 0: synchronous)")
-    compensation: str = _opt(
-        "dc", "--compensation", f"delay compensation: {', '.join(COMPENSATIONS)}"
-    )
-    lam: float | None = _opt(
-        None,
-        "--lam",
-        "delay-compensation strength; none: the mode's default, mixjax.delay.DEFAULT_LAM "
-        "(dc 0.04, dc_adaptive 2.0)",
-    )
-    steps_per_call: int = _opt(
-        50, "--steps-per-call", "training steps per dispatch (lax.scan); divides every stage"
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Compress:
-    """Gradual pruning, then clustering with weight and activation QAT."""
-
-    batch_size: int = _opt(
-        128, "--compress-batch-size", "examples per training step of the prune and QAT stages"
-    )
-    prune_steps: int = _opt(2000, "--prune-steps", "gradual magnitude pruning steps")
-    prune_lr: float = _opt(
-        1e-3, "--prune-lr", "pruning-stage learning rate (cosine decay to 0 after the ramp)"
-    )
-    sparsity: float = _opt(0.95, "--sparsity", "final sparsity of the hidden Dense kernels")
-    conv_sparsity: float = _opt(0.6, "--conv-sparsity", "final sparsity of the Conv kernels")
-    output_sparsity: float = _opt(0.7, "--output-sparsity", "final sparsity of the output layer")
-    qat_steps: int = _opt(1000, "--qat-steps", "clustering + quantization-aware fine-tuning steps")
-    qat_lr: float = _opt(2e-4, "--qat-lr", "QAT-stage learning rate")
-    clusters: int = _opt(16, "--clusters", "shared values per kernel (zero included)")
-    bias_clusters: int = _opt(8, "--bias-clusters", "shared values per bias longer than this")
-    bits: int = _opt(8, "--bits", "weight (codebook) quantization bits, 2..8")
-    act_bits: int = _opt(8, "--act-bits", "activation quantization bits, 2..8")
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """Where and how the run executes."""
-
-    output: str = _opt("mixjax-run", "--output", "output directory")
-    seed: int = _opt(0, "--seed", "random seed (initialization, augmentation, data order)")
-    devices: int = _opt(1, "--devices", "devices for data-parallel training")
-    checkpoint_every: int = _opt(
-        500, "--checkpoint-every", "checkpoint every N steps (a multiple of --steps-per-call)"
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """The whole configuration (one field per section)."""
-
-    data: Data = dataclasses.field(default_factory=Data)
-    train: Train = dataclasses.field(default_factory=Train)
-    compress: Compress = dataclasses.field(default_factory=Compress)
-    run: Run = dataclasses.field(default_factory=Run)
-
-
-def options() -> list[tuple[str, dataclasses.Field]]:
-    """``("section.field", field)`` for every option, in declaration order."""
-    return [
-        (f"{section.name}.{f.name}", f)
-        for section in dataclasses.fields(Config)
-        for f in dataclasses.fields(section.default_factory())
-    ]
-
-
-def base_type(typ: str) -> str:
-    """A field's type name without ``| None`` (optional fields default to ``None``)."""
-    return typ.removesuffix(" | None")
 
 
 def _check_type(key: str, value: Any, typ: str) -> Any:
@@ -203,15 +113,8 @@ def override(config: Config, changes: Mapping[str, Any]) -> Config:
     return Config(**sections)
 
 
-def load_toml(path: str | os.PathLike, config: Config | None = None) -> Config:
-    """Reads a TOML file of ``[section]`` tables over ``config`` (default: the defaults).
-
-    Raises:
-      FileNotFoundError: no such file.
-      ValueError: invalid TOML, or an unknown table or key, or a value of the wrong type (the
-        message names the file and the key).
-    """
-    path = os.fspath(path)
+def _read_toml(path: str) -> dict[str, Any]:
+    """The ``{"section.field": value}`` changes of a TOML file (values not checked yet)."""
     try:
         with open(path, "rb") as f:
             table = tomllib.load(f)
@@ -228,10 +131,60 @@ def load_toml(path: str | os.PathLike, config: Config | None = None) -> Config:
                 f"{', '.join(sections)})"
             )
         changes.update({f"{section}.{name}": value for name, value in values.items()})
+    return changes
+
+
+def _over(config: Config, changes: Mapping[str, Any], path: str) -> Config:
     try:
-        return override(Config() if config is None else config, changes)
+        return override(config, changes)
     except ValueError as err:
         raise ValueError(f"{err} (in {path!r})") from None
+
+
+def load_toml(path: str | os.PathLike, config: Config | None = None) -> Config:
+    """Reads a TOML file of ``[section]`` tables over ``config`` (default: the defaults).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: invalid TOML, or an unknown table or key, or a value of the wrong type (the
+        message names the file and the key).
+    """
+    path = os.fspath(path)
+    return _over(Config() if config is None else config, _read_toml(path), path)
+
+
+def defaults(task: str = "image") -> Config:
+    """The defaults of a task: the dataclass defaults for ``"image"``, with
+    :data:`LM_DEFAULTS` for ``"lm"``.
+
+    Raises:
+      ValueError: an unknown task.
+    """
+    _check(task in models.TASKS, "data.task", f"one of {models.TASKS}", task)
+    return Config() if task == "image" else override(Config(), LM_DEFAULTS)
+
+
+def load(path: str | os.PathLike | None, changes: Mapping[str, Any]) -> Config:
+    """A run's configuration (not validated): the :func:`defaults` of its task, then the TOML
+    file at ``path`` (if not ``None``), then ``changes`` (``{"section.field": value}``, the
+    command-line options). The task is ``changes``' ``"data.task"``, else the file's, else
+    ``"image"``.
+
+    Raises:
+      FileNotFoundError / ValueError: as :func:`load_toml` and :func:`override`; an unknown
+        task.
+    """
+    path = None if path is None else os.fspath(path)
+    table = {} if path is None else _read_toml(path)
+    task = changes.get("data.task", table.get("data.task", "image"))
+    config = defaults(_check_type("data.task", task, "str"))
+    return override(config if path is None else _over(config, table, path), changes)
+
+
+def model_sizes(config: Config) -> dict[str, int]:
+    """The sizes the ``[model]`` section sets (the unset ones are left to the model)."""
+    values = dataclasses.asdict(config.model)
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -240,17 +193,82 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ValueError(f"{_NAME}: {key} ({flag}) must be {rule}, got {value!r}")
 
 
+def _names(task: str) -> str:
+    return ", ".join(n for n, info in sorted(models.MODELS.items()) if info.task == task)
+
+
+def _check_task(config: Config) -> None:
+    """The model and dataset fit the task; image-only settings are left alone for ``"lm"``."""
+    d, t = config.data, config.train
+    _check(d.task in models.TASKS, "data.task", f"one of {models.TASKS}", d.task)
+    _check(t.model in models.MODELS, "train.model", f"one of {sorted(models.MODELS)}", t.model)
+    model_task = models.MODELS[t.model].task
+    text = d.dataset.startswith("text:")
+    if d.task == "lm":
+        _check(model_task == "lm", "train.model", f"a language model ({_names('lm')})", t.model)
+        _check(text, "data.dataset", "'text:FILE' for --task lm", d.dataset)
+        image = defaults("image")
+        for key in IMAGE_ONLY:
+            section, name = key.split(".")
+            value = getattr(getattr(config, section), name)
+            default = getattr(getattr(image, section), name)
+            _check(
+                value == default,
+                key,
+                f"left at its default {default!r} with --task lm (only the image pipeline "
+                "reads it)",
+                value,
+            )
+        return
+    _check(
+        model_task == "image",
+        "train.model",
+        f"an image model ({_names('image')}) for --task image (--task lm trains {_names('lm')})",
+        t.model,
+    )
+    _check(
+        not text,
+        "data.dataset",
+        "an image dataset for --task image (a text corpus trains a language model: --task lm)",
+        d.dataset,
+    )
+
+
+def _check_sizes(config: Config) -> None:
+    name = config.train.model
+    takes = models.MODELS[name].sizes
+    for size, value in dataclasses.asdict(config.model).items():
+        key = f"model.{size}"
+        if value is not None:
+            _check(value >= 1, key, ">= 1", value)
+            _check(
+                size in takes,
+                key,
+                f"unset for model {name!r} (its sizes: {', '.join(takes) or 'none'})",
+                value,
+            )
+    sizes = model_sizes(config)
+    try:
+        models.create(name, 2, **sizes)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{_NAME}: the sizes {sizes} do not fit model {name!r}: {err}") from None
+
+
 def validate(config: Config) -> Config:
-    """Checks every value's range; returns ``config`` unchanged.
+    """Checks every value's range and the task's combinations; returns ``config`` unchanged.
 
     Raises:
-      ValueError: the first bad value, named as ``section.field``.
+      ValueError: the first bad value, named as ``section.field``: a model or dataset of
+        another task, an image-only setting changed with ``--task lm``, a size the model does
+        not take or sizes it refuses.
     """
     d, t, c, r = config.data, config.train, config.compress, config.run
     for key, field in options():
         value = getattr(getattr(config, key.split(".")[0]), field.name)
         if base_type(field.type) == "float" and value is not None:
             _check(math.isfinite(value), key, "finite", value)
+    _check_task(config)
+    _check_sizes(config)
     k = t.steps_per_call
     batches = [("data.batch_size", d.batch_size), ("compress.batch_size", c.batch_size)]
     for key, value in [*batches, ("train.steps_per_call", k)]:
@@ -258,18 +276,17 @@ def validate(config: Config) -> Config:
     _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
     _check(0 <= d.degrees <= 180, "data.degrees", "in [0, 180]", d.degrees)
     _check(0 <= d.translate < 1, "data.translate", "in [0, 1)", d.translate)
-    for key, value in [
-        ("train.steps", t.steps),
-        ("compress.prune_steps", c.prune_steps),
-        ("compress.qat_steps", c.qat_steps),
-        ("run.checkpoint_every", r.checkpoint_every),
-    ]:
+    # The language-model pipeline has no qat stage (its weights are quantized after training).
+    lengths = [("train.steps", t.steps), ("compress.prune_steps", c.prune_steps)]
+    if d.task == "image":
+        lengths.append(("compress.qat_steps", c.qat_steps))
+    for key, value in [*lengths, ("run.checkpoint_every", r.checkpoint_every)]:
         _check(
             value >= k and value % k == 0, key, f"a positive multiple of steps_per_call={k}", value
         )
     # Every stage keeps tau gradients in flight (tau copies of the parameters), and a stage no
     # longer than tau would apply none of its updates.
-    shortest = min(t.steps, c.prune_steps, c.qat_steps)
+    shortest = min(value for _, value in lengths)
     _check(
         0 <= t.tau <= min(MAX_TAU, shortest - 1),
         "train.tau",

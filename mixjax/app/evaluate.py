@@ -3,8 +3,9 @@
 The artifact :mod:`mixjax.app.pipeline` exports carries, in its manifest's ``"metadata"``::
 
     {"model": "lenet5", "num_classes": 10, "input_shape": [8, 8, 1],
+     "sizes": {},                                      # mixjax.models.create's, e.g. {"width": 4}
      "preprocess": {"mean": 0.5, "std": 0.5},          # mixjax.data.normalize
-     "activations": {"bits": 8, "ranges": {"Conv_0": [min, max], ...}}}
+     "activations": {"bits": 8, "ranges": {"Conv_0/kernel": [min, max], ...}}}
 
 so :func:`evaluate` rebuilds the linen model (:func:`mixjax.models.create`), the activation
 fake-quantizer with its QAT ranges, and the integer model (:mod:`mixjax.export.integer`) from
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -27,6 +29,7 @@ from mixjax.export import encoding
 
 __all__ = [
     "MAX_INPUT_ELEMENTS",
+    "MAX_SIZE",
     "NORMALIZE",
     "evaluate",
     "forwards",
@@ -44,13 +47,17 @@ def metadata(
     input_shape: tuple[int, ...],
     act: quant.ActivationQuant,
     act_state: dict[str, quant.ObserverState],
+    *,
+    sizes: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The artifact metadata (module docstring) of a model and its activation ranges."""
+    """The artifact metadata (module docstring) of a model, its sizes
+    (:func:`mixjax.models.create`'s; none: the defaults) and its activation ranges."""
     ranges = {p: [float(s.min), float(s.max)] for p, s in jax.device_get(act_state).items()}
     return {
         "model": model,
         "num_classes": int(num_classes),
         "input_shape": [int(n) for n in input_shape],
+        "sizes": {k: int(v) for k, v in (sizes or {}).items()},
         "preprocess": dict(NORMALIZE),
         "activations": {"bits": int(act.grid.bits), "ranges": ranges},
     }
@@ -58,6 +65,8 @@ def metadata(
 
 _REQUIRED = ("model", "num_classes", "activations")
 MAX_INPUT_ELEMENTS = 1 << 24
+# The largest model size metadata may name (a width, a depth): bounds what a file can allocate.
+MAX_SIZE = 1 << 16
 
 
 def _bad(key: str, expected: str, value: Any) -> ValueError:
@@ -94,12 +103,12 @@ def _preprocess(meta: dict[str, Any], channels: int) -> dict[str, Any]:
 def _activations(meta: dict[str, Any]) -> tuple[quant.ActivationQuant, dict]:
     spec = meta["activations"]
     if not isinstance(spec, dict) or not {"bits", "ranges"} <= set(spec):
-        raise _bad("activations", "{'bits': b, 'ranges': {layer: [min, max]}}", spec)
+        raise _bad("activations", "{'bits': b, 'ranges': {site: [min, max]}}", spec)
     bits, ranges = spec["bits"], spec["ranges"]
     if not _is_int(bits) or not 2 <= bits <= 16:
         raise _bad("activations.bits", "an integer in [2, 16]", bits)
     if not isinstance(ranges, dict):
-        raise _bad("activations.ranges", "a dict {layer: [min, max]}", ranges)
+        raise _bad("activations.ranges", "a dict {site: [min, max]}", ranges)
     for path, pair in ranges.items():
         if not (isinstance(pair, list) and len(pair) == 2 and all(map(_is_real, pair))):
             raise _bad(f"activations.ranges.{path}", "[min, max], finite", pair)
@@ -134,6 +143,23 @@ def _check_leaves(records: Any, shapes: Any, what: str, noun: str = "parameter")
             raise ValueError(f"{_NAME}: the artifact's leaf {name} {shape} is no {noun} of {what}")
 
 
+def _sizes(meta: dict[str, Any], name: str) -> dict[str, int]:
+    """The metadata's model sizes, checked: sizes ``name`` takes, integers in
+    ``[1, MAX_SIZE]``, that the model accepts."""
+    sizes = meta.get("sizes", {})
+    takes = sorted(models.MODELS[name].sizes)
+    expected = f"a dict of sizes of {name!r} ({takes}), integers in [1, {MAX_SIZE}]"
+    if not isinstance(sizes, dict) or not all(
+        key in takes and _is_int(value) and 1 <= value <= MAX_SIZE for key, value in sizes.items()
+    ):
+        raise _bad("sizes", expected, sizes)
+    try:
+        models.create(name, 2, **sizes)
+    except (TypeError, ValueError) as err:
+        raise _bad("sizes", f"sizes model {name!r} accepts ({err})", sizes) from None
+    return sizes
+
+
 def _model(artifact: export.Artifact) -> tuple[Any, Any, quant.ActivationQuant, dict, dict]:
     """The model, params, activation quantizer, its state and the preprocessing, all checked."""
     meta = artifact.metadata
@@ -145,8 +171,9 @@ def _model(artifact: export.Artifact) -> tuple[Any, Any, quant.ActivationQuant, 
     if "input_shape" not in meta:
         raise ValueError(f"{_NAME}: the artifact has no 'input_shape' metadata")
     name, num_classes, input_shape = meta["model"], meta["num_classes"], meta["input_shape"]
-    if not isinstance(name, str) or name not in models.MODELS:
-        raise _bad("model", f"one of {sorted(models.MODELS)}", name)
+    image = sorted(n for n, info in models.MODELS.items() if info.task == "image")
+    if not isinstance(name, str) or name not in image:
+        raise _bad("model", f"one of {image}", name)
     if not _is_int(num_classes) or not 1 <= num_classes <= MAX_CLASSES:
         raise _bad("num_classes", f"an integer in [1, {MAX_CLASSES}]", num_classes)
     if (
@@ -162,7 +189,7 @@ def _model(artifact: export.Artifact) -> tuple[Any, Any, quant.ActivationQuant, 
         )
     prep = _preprocess(meta, input_shape[-1])
     act, act_state = _activations(meta)
-    model = models.create(name, num_classes)
+    model = models.create(name, num_classes, **_sizes(meta, name))
     what = f"model {name!r} ({num_classes} classes, input {input_shape})"
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     try:
@@ -173,11 +200,12 @@ def _model(artifact: export.Artifact) -> tuple[Any, Any, quant.ActivationQuant, 
     _check_leaves(artifact.leaves, shapes, what)
     others = {k: v for k, v in variables.items() if k != "params"}
     _check_leaves(artifact.state_leaves, others, what, "model variable (batch statistics)")
-    layers = act.init(lambda p, x: model.apply({"params": p}, x), shapes, x)
+    state = artifact.model_state()  # the sites' discovery runs the model as evaluation does
+    layers = act.init(lambda p, x: model.apply({"params": p, **state}, x), shapes, x)
     for path in [*layers, *act_state]:
         if (path in layers) != (path in act_state):
             raise ValueError(
-                f"{_NAME}: metadata 'activations.ranges' must have one range per Dense/Conv layer "
+                f"{_NAME}: metadata 'activations.ranges' must have one range per matmul/conv site "
                 f"of {what} ({sorted(layers)}), got {sorted(act_state)}"
             )
     return model, artifact.params(), act, act_state, prep
@@ -187,7 +215,7 @@ def forwards(artifact: export.Artifact) -> dict[str, Any]:
     """Jitted ``images -> logits`` forwards of the artifact's model on raw ``(N, H, W, C)``
     images (preprocessed inside): ``"float"`` (float activations), ``"compressed"``
     (activations fake-quantized with the stored ranges) and ``"integer"``
-    (:func:`mixjax.export.integer_apply`).
+    (:func:`mixjax.export.integer_apply`, run as its per-site table says).
 
     The metadata is validated first, and the artifact's leaves (paths and shapes) are compared
     with the parameters of the model it names (``jax.eval_shape`` of its ``init``).
@@ -199,14 +227,15 @@ def forwards(artifact: export.Artifact) -> dict[str, Any]:
         or a leaf differs from the model's parameters, naming it with both shapes.
     """
     model, params, act, act_state, prep = _model(artifact)
-    variables = {"params": params, **artifact.model_state()}
-    fn = lambda x: model.apply(variables, x)  # noqa: E731
-    int_model = export.integer_model(artifact, act, act_state)
+    model_state = artifact.model_state()
+    fn = lambda p, x: model.apply({"params": p, **model_state}, x)  # noqa: E731
+    example = jax.ShapeDtypeStruct((1, *artifact.metadata["input_shape"]), jnp.float32)
+    int_model = export.integer_model(fn, artifact, example, act=act, act_state=act_state)
     norm = lambda x: data.normalize(x, **prep)  # noqa: E731
     return {
-        "float": jax.jit(lambda x: fn(norm(x))),
-        "compressed": jax.jit(lambda x: act.apply(fn, act_state, norm(x))[0]),
-        "integer": jax.jit(lambda x: export.integer_apply(fn, int_model, norm(x))),
+        "float": jax.jit(lambda x: fn(params, norm(x))),
+        "compressed": jax.jit(lambda x: act.apply(fn, act_state, params, norm(x))[0]),
+        "integer": jax.jit(lambda x: export.integer_apply(int_model, fn, params, norm(x))),
     }
 
 

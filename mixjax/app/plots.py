@@ -1,13 +1,16 @@
 """PNG plots of a ``mixjax run`` report (matplotlib, Agg backend: no display needed).
 
-:func:`write_all` draws four figures into the output directory:
+:func:`write_all` draws four figures into the output directory (:func:`files`):
 
-* ``training.png``: training loss and accuracy per step, one colour per stage (a moving mean
-  over ``max(1, steps // 100)`` steps, since single batches are noisy);
+* ``training.png``: training loss and accuracy (next-token accuracy for a language model) per
+  step, one colour per stage (a moving mean over ``max(1, steps // 100)`` steps, since single
+  batches are noisy);
 * ``sparsity.png``: the fraction of exact zeros of every leaf of the artifact;
 * ``weights.png``: the histogram of the largest kernel's dense (float-stage) weights with the
-  artifact's shared values (its codebook) as vertical lines;
-* ``accuracy_bytes.png``: test accuracy against stored bytes (log scale) for each stage.
+  artifact's distinct values (its codebook or integer grid) as vertical lines;
+* ``<metric>_bytes.png``: the report's held-out metric of each stage against its stored bytes
+  (log scale): ``accuracy_bytes.png`` (test accuracy) for an image run, ``val_loss_bytes.png``
+  (validation loss) for a language model.
 """
 
 from __future__ import annotations
@@ -25,9 +28,16 @@ import numpy as np  # noqa: E402
 from mixjax import _files, export, select  # noqa: E402
 from mixjax.export import kinds  # noqa: E402
 
-__all__ = ["FILES", "accuracy_bytes", "sparsity", "training", "weights", "write_all"]
+__all__ = ["METRICS", "files", "metric_bytes", "sparsity", "training", "weights", "write_all"]
 
-FILES = ("training.png", "sparsity.png", "weights.png", "accuracy_bytes.png")
+# The held-out metric of each kind of run: its axis label and its scale on that axis.
+METRICS = {"accuracy": ("test accuracy (%)", 100.0), "val_loss": ("validation loss (nats)", 1.0)}
+
+
+def files(metric: str) -> tuple[str, ...]:
+    """The file names :func:`write_all` writes for a report of ``metric`` (a key of
+    :data:`METRICS`)."""
+    return ("training.png", "sparsity.png", "weights.png", f"{metric}_bytes.png")
 
 
 def _save(fig: Any, path: str) -> None:
@@ -79,17 +89,25 @@ def sparsity(layers: list[dict[str, Any]], path: str) -> None:
     _save(fig, path)
 
 
+# Up to this many distinct stored values are drawn as lines (a codebook); more (a grid scaled per
+# channel or group has one per scale) as a second histogram.
+_MAX_LINES = 256
+
+
 def weights(dense: Any, artifact: export.Artifact, path: str) -> None:
-    """Histogram of the largest kernel's float-stage weights and its final shared values."""
+    """Histogram of the largest kernel's float-stage weights and its stored values: the shared
+    values as lines where there are at most 256 (a codebook), else their histogram."""
     kernels = [(p, np.asarray(x)) for p, x in select.leaves_with_paths(dense) if np.ndim(x) >= 2]
     name, values = max(kernels, key=lambda item: item[1].size)
     final = kinds.decode(artifact.record(name), artifact.arrays)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(values.ravel(), bins=100, color="tab:gray", alpha=0.8, label="dense weights")
     centroids = np.unique(final)
-    for i, c in enumerate(centroids):
+    if len(centroids) > _MAX_LINES:
+        ax.hist(np.ravel(final), bins=100, color="tab:red", alpha=0.5, label="stored values")
+    for i, c in enumerate(centroids if len(centroids) <= _MAX_LINES else ()):
         ax.axvline(c, color="tab:red", lw=1, label="shared values" if i == 0 else None)
-    ax.set_title(f"{name}: {values.size} weights, {len(centroids)} shared values")
+    ax.set_title(f"{name}: {values.size} weights, {len(centroids)} distinct stored values")
     ax.set_xlabel("weight")
     ax.set_ylabel("count")
     ax.legend()
@@ -97,28 +115,46 @@ def weights(dense: Any, artifact: export.Artifact, path: str) -> None:
     _save(fig, path)
 
 
-def accuracy_bytes(stages: list[dict[str, Any]], path: str) -> None:
-    """Test accuracy against stored bytes, one labelled point per stage."""
+def metric_bytes(stages: list[dict[str, Any]], path: str, metric: str = "accuracy") -> None:
+    """The held-out ``metric`` of each stage (a key of :data:`METRICS`) against its stored
+    bytes, one labelled point per stage."""
+    label, scale = METRICS[metric]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     nbytes = [s["bytes"] for s in stages]
-    acc = [100 * s["accuracy"] for s in stages]
-    ax.plot(nbytes, acc, "o-", color="tab:blue")
-    for i, (s, x, y) in enumerate(zip(stages, nbytes, acc, strict=True)):
+    values = [scale * s[metric] for s in stages]
+    ax.plot(nbytes, values, "o-", color="tab:blue")
+    for i, (s, x, y) in enumerate(zip(stages, nbytes, values, strict=True)):
         # alternate above/below: stages that share a size (compressed, integer) stay legible
         offset = (4, 4) if i % 2 == 0 else (4, -12)
         ax.annotate(s["stage"], (x, y), textcoords="offset points", xytext=offset, fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("bytes (dense float32; then artifact file)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
 
 
-def write_all(report: dict[str, Any], dense: Any, artifact: export.Artifact, out: str) -> list[str]:
-    """Draws the four figures of the module docstring into ``out``; returns their file names."""
-    training(report["history"], os.path.join(out, FILES[0]))
-    sparsity(report["layers"], os.path.join(out, FILES[1]))
-    weights(dense, artifact, os.path.join(out, FILES[2]))
-    accuracy_bytes(report["stages"], os.path.join(out, FILES[3]))
-    return list(FILES)
+def write_all(
+    report: dict[str, Any],
+    dense: Any,
+    artifact: export.Artifact,
+    out: str,
+    metric: str = "accuracy",
+) -> list[str]:
+    """Draws the four figures of the module docstring into ``out``; returns their file names.
+
+    Args:
+      report: the run's report (its ``"history"``, ``"layers"`` and ``"stages"``, each stage
+        with ``"bytes"`` and ``metric``).
+      dense: the float-stage parameters.
+      artifact: the exported artifact.
+      out: the output directory.
+      metric: the stages' held-out metric, a key of :data:`METRICS`.
+    """
+    names = files(metric)
+    training(report["history"], os.path.join(out, names[0]))
+    sparsity(report["layers"], os.path.join(out, names[1]))
+    weights(dense, artifact, os.path.join(out, names[2]))
+    metric_bytes(report["stages"], os.path.join(out, names[3]), metric)
+    return list(names)

@@ -1,8 +1,8 @@
 """The output directory of ``mixjax run``: what mixjax owns there, and which run it holds.
 
 A run writes its outputs into its directory and nothing else: the artifact ``model.mjx``,
-``report.json``, the plots (:data:`mixjax.app.plots.FILES`), one checkpoint directory per stage
-``checkpoints/<stage>`` (the list :mod:`mixjax.app.pipeline` passes to :func:`prepare`), and
+``report.json``, the plots (:func:`mixjax.app.plots.files`), one checkpoint directory per stage
+``checkpoints/<stage>`` (the list :func:`mixjax.app.common.prepare` passes to :func:`prepare`), and
 the *run file* ``mixjax-run.json``::
 
     {"format": "mixjax.run", "version": 1,

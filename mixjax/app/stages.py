@@ -4,19 +4,25 @@
 its initial state (checking first, where values exist, that the parameters it starts from are
 finite), trains it with ``steps_per_call`` steps per dispatch, checkpoints it every
 ``checkpoint_every`` steps and at its end (:mod:`mixjax.checkpoint`, under
-``<output>/checkpoints/<stage>``), resumes from its latest checkpoint when asked, and evaluates
-the result on the test set. Step ``t`` of a stage reads the ``t``-th batch of a data order fixed
-by ``(seed, stage)`` and draws its randomness from ``fold_in(rng, t)``, so an interrupted and
-resumed run ends with the same parameters as an uninterrupted one.
+``<output>/checkpoints/<stage>``), resumes from its latest checkpoint when asked, and scores
+the result on the held-out split. Step ``t`` of a stage reads the ``t``-th batch of a data order
+fixed by ``(seed, stage)`` and draws its randomness from ``fold_in(rng, t)``, so an interrupted
+and resumed run ends with the same parameters as an uninterrupted one. The model state (batch
+statistics) is part of the train state, so it trains, checkpoints and resumes with it.
+
+What a stage reads and how it is scored is the run's :class:`Task`: :func:`image_task` (images
+and labels, normalized; test accuracy and loss) or :func:`text_task` (next-token windows of a
+character corpus; the exact validation loss, perplexity and next-token accuracy).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -29,9 +35,23 @@ from mixjax.app import config as config_lib
 from mixjax.app import rundir
 from mixjax.core import ParamTransform
 
-__all__ = ["STAGES", "Result", "Run", "Stage", "Stopped", "log", "run_stage", "warn"]
+__all__ = [
+    "STAGES",
+    "Result",
+    "Run",
+    "Stage",
+    "Stopped",
+    "Task",
+    "image_task",
+    "log",
+    "run_stage",
+    "text_task",
+    "warn",
+]
 
 STAGES = ("float", "prune", "qat")
+# Windows per batch of the validation pass of a text task (the pass covers every target once).
+_EVAL_WINDOWS = 64
 # The per-step metrics a stage records (its history), in the order its checkpoints store them.
 _METRICS = ("loss", "accuracy")
 
@@ -40,13 +60,66 @@ class Stopped(Exception):  # noqa: N818 - a normal outcome, not an error
     """Raised when ``stop_after`` steps are done (a checkpoint was written)."""
 
 
+class Task(NamedTuple):
+    """What the stages of a run read and how they are scored.
+
+    Attributes:
+      batches: ``(batch_size, steps_per_call, seed) -> iterator`` of endless training batches,
+        each stacked ``(steps_per_call, batch_size, ...)`` (:func:`mixjax.data.stacked_batches`
+        or :func:`mixjax.data.stacked_lm_batches`), in an order fixed by ``seed``.
+      score: ``(eval_step, state) -> {metric: float}``: the held-out metrics of a state, with an
+        eval step of :func:`mixjax.train.make_eval_step` (``"loss"``, ``"accuracy"``; a text
+        task adds ``"perplexity"``).
+      preprocess: the input preprocessing of the train and eval steps, or ``None``.
+      held_out: the name of the scored split, for the log (``"test"``, ``"val"``).
+    """
+
+    batches: Callable[[int, int, int], Iterator[dict[str, np.ndarray]]]
+    score: Callable[[Callable, train.TrainState], dict[str, float]]
+    preprocess: Callable | None
+    held_out: str
+
+
+def image_task(train_set: data.Dataset, test_set: data.Dataset) -> Task:
+    """Images normalized by :func:`mixjax.data.normalize`, scored on the whole test split."""
+
+    def batches(batch_size, steps, seed):
+        return data.stacked_batches(train_set, batch_size, steps, seed=seed, epochs=None)
+
+    def score(evaluate, state):
+        batch = {"image": test_set.images, "label": test_set.labels}
+        return {name: float(value) for name, value in evaluate(state, batch).items()}
+
+    return Task(batches, score, data.normalize, "test")
+
+
+def text_task(train_set: data.TextDataset, val_set: data.TextDataset, context: int) -> Task:
+    """Next-token windows of ``context`` tokens, scored on every target of the validation split
+    once (:func:`mixjax.data.lm_eval_batches`; batch means weighted by their targets)."""
+
+    def batches(batch_size, steps, seed):
+        return data.stacked_lm_batches(train_set, batch_size, context, steps, seed=seed)
+
+    def score(evaluate, state):
+        totals, weight = {"loss": 0.0, "accuracy": 0.0}, 0.0
+        for batch in data.lm_eval_batches(val_set, _EVAL_WINDOWS, context):
+            n = float(batch["weight"].sum())
+            metrics = evaluate(state, batch)
+            for name in totals:
+                totals[name] += float(metrics[name]) * n
+            weight += n
+        scores = {name: total / weight for name, total in totals.items()}
+        return {**scores, "perplexity": math.exp(scores["loss"])}
+
+    return Task(batches, score, None, "val")
+
+
 class Run(NamedTuple):
     """What every stage of one run shares.
 
     Attributes:
       cfg: the validated configuration.
-      train_set: the training split.
-      test_set: the test split.
+      task: what the stages read and how they are scored.
       rng: the base key of every stage's randomness.
       mesh: the data-parallel mesh, ``None`` on one device.
       resume: continue each stage from its latest checkpoint.
@@ -56,8 +129,7 @@ class Run(NamedTuple):
     """
 
     cfg: config_lib.Config
-    train_set: data.Dataset
-    test_set: data.Dataset
+    task: Task
     rng: jax.Array
     mesh: Any
     resume: bool
@@ -97,14 +169,14 @@ class Result(NamedTuple):
       state: the final train state.
       history: per step, ``{"step", "loss", "accuracy"}`` of the training batches.
       steps_per_second: the training speed after the first (compiling) call, or ``None``.
-      accuracy: test accuracy of the final state.
+      scores: the held-out metrics of the final state (:attr:`Task.score`).
       seconds: the stage's wall time.
     """
 
     state: train.TrainState
     history: list[dict[str, float]]
     steps_per_second: float | None
-    accuracy: float
+    scores: dict[str, float]
     seconds: float
 
 
@@ -201,7 +273,7 @@ def _train(run: Run, stage: Stage, state: train.TrainState, step: Callable) -> t
     state, history = _restore(run, directory, state)
     start = int(state.step)
     seed = cfg.run.seed * len(STAGES) + STAGES.index(stage.name)
-    groups = data.stacked_batches(run.train_set, stage.batch_size, k, seed=seed, epochs=None)
+    groups = run.task.batches(stage.batch_size, k, seed)
     bar = tqdm(
         total=stage.steps,
         initial=start,
@@ -247,7 +319,15 @@ def _train(run: Run, stage: Stage, state: train.TrainState, step: Callable) -> t
 
 
 def run_stage(run: Run, stage: Stage, params: Any, model_state: Any = None) -> Result:
-    """Trains ``stage`` from ``params`` to its last step and evaluates it (module docstring).
+    """Trains ``stage`` from ``params`` to its last step and scores it (module docstring).
+
+    Args:
+      run: what the run's stages share.
+      stage: this stage.
+      params: the parameters it starts from.
+      model_state: the model state it starts from (what ``stage.apply_fn`` takes and returns:
+        a linen model's ``{"batch_stats": ...}``, ``{}`` or ``None`` for none); the result's
+        ``state.model_state`` is the trained one.
 
     Raises:
       ValueError: ``params`` hold NaN/Inf (the stage before diverged).
@@ -255,7 +335,7 @@ def run_stage(run: Run, stage: Stage, params: Any, model_state: Any = None) -> R
     """
     tick = time.perf_counter()
     _check_finite(stage.name, params)
-    kwargs = dict(transform=stage.transform, preprocess=data.normalize)
+    kwargs = dict(transform=stage.transform, preprocess=run.task.preprocess)
     k = run.cfg.train.steps_per_call
     step = train.make_train_step(
         stage.apply_fn, stage.tx, augment=stage.augment, steps_per_call=k, **kwargs
@@ -266,12 +346,14 @@ def run_stage(run: Run, stage: Stage, params: Any, model_state: Any = None) -> R
     jax.block_until_ready(state)
     log(run.quiet, f"{stage.name}: initial state in {time.perf_counter() - tick:.1f} s")
     state, history, rate = _train(run, stage, state, step)
-    evaluate = train.make_eval_step(stage.apply_fn, **kwargs)
-    batch = {"image": run.test_set.images, "label": run.test_set.labels}
-    accuracy = float(evaluate(state, batch)["accuracy"])
+    scores = run.task.score(train.make_eval_step(stage.apply_fn, **kwargs), state)
     seconds = time.perf_counter() - tick
+    shown = ", ".join(
+        f"{name} {value:.2%}" if name == "accuracy" else f"{name} {value:.4f}"
+        for name, value in scores.items()
+    )
     log(
         run.quiet,
-        f"{stage.name}: {stage.steps} steps, test accuracy {accuracy:.2%} ({seconds:.1f} s)",
+        f"{stage.name}: {stage.steps} steps, {run.task.held_out} {shown} ({seconds:.1f} s)",
     )
-    return Result(state, history, rate, accuracy, seconds)
+    return Result(state, history, rate, scores, seconds)

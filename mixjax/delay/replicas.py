@@ -2,7 +2,8 @@
 
 :func:`replica_delayed` wraps an optax transformation for a step that runs once per
 data-parallel replica (``jax.shard_map`` over the mesh's ``"data"`` axis, see
-:func:`async_data_parallel`) and receives that replica's *local* gradient. Each
+:func:`async_data_parallel`; inside the step that axis is called ``axis_name``, the name the
+model's collectives use, e.g. a BatchNorm's) and receives that replica's *local* gradient. Each
 of the ``R`` replicas acts as an asynchronous worker of its own staleness: at step ``t`` replica
 ``r`` pushes its gradient ``g_r(t)`` (computed at ``w_t`` on its ``B / R`` examples) into its own
 FIFO and reads back ``g_r(t - tau_r(t))``; the stale gradients are averaged over the replicas
@@ -56,8 +57,15 @@ from mixjax.delay.fifo import (
     stale_step,
     update_once_started,
 )
-from mixjax.parallel.mesh import DATA, batch_spec, put, shard_batch
-from mixjax.parallel.per_replica import check_mesh, check_train_step, replica_body, signature
+from mixjax.parallel.mesh import DATA, put, shard_batch
+from mixjax.parallel.per_replica import (
+    check_axis_name,
+    check_mesh,
+    check_train_step,
+    replica_body,
+    signature,
+)
+from mixjax.parallel.steps import _renamed, _spec  # bind axis_name as shard_map_step does
 from mixjax.train.apply import ApplyFn
 from mixjax.train.losses import softmax_cross_entropy
 from mixjax.train.step import Step, make_train_step
@@ -146,7 +154,8 @@ def replica_delayed(
       random_staleness: draw each replica's staleness of each step uniformly in
         ``[0, taus[r]]``.
       key: the ``jax.random`` key of those draws (with, and only with, ``random_staleness``).
-      axis_name: the replica axis.
+      axis_name: the replica axis's name inside the step: the ``axis_name`` given to
+        :func:`async_data_parallel` (``"data"`` unless the model's collectives use another).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``: ``init(params)`` (outside the
@@ -197,7 +206,8 @@ def replica_delayed(
         except NameError:
             raise ValueError(
                 f"{_NAME}: update must run per replica inside a shard_map over {axis_name!r} "
-                "(use mixjax.delay.async_data_parallel), got no such axis"
+                f"(use mixjax.delay.async_data_parallel with axis_name={axis_name!r}, the same "
+                "as replica_delayed's), got no such axis"
             ) from None
         rows = {jnp.shape(b)[0] for b in jax.tree.leaves(state.past_grads)}
         if rows != {1}:
@@ -260,7 +270,7 @@ def replica_specs(tree: Any, axis_name: str = DATA) -> Any:
     return jax.tree.map(spec, tree, is_leaf=_is_replica_state)
 
 
-def _fresh_mean_grads(transform: ParamTransform) -> ParamTransform:
+def _fresh_mean_grads(transform: ParamTransform, axis_name: str) -> ParamTransform:
     """``transform`` whose ``update`` sees the replicas' mean fresh gradient, as synchronously.
 
     Under :func:`async_data_parallel` the step's ``grads`` are the replica's own; a transform
@@ -269,7 +279,7 @@ def _fresh_mean_grads(transform: ParamTransform) -> ParamTransform:
 
     def update(params, state, step, *, grads=None, **extra):
         if grads is not None:
-            grads = lax.pmean(grads, DATA)
+            grads = lax.pmean(grads, axis_name)
         return transform.update(params, state, step, grads=grads, **extra)
 
     return transform._replace(update=update)
@@ -286,16 +296,21 @@ def async_data_parallel(
     loss: Callable = softmax_cross_entropy,
     steps_per_call: int = 1,
     donate: bool = True,
+    axis_name: str = DATA,
 ) -> Step:
     """A train step whose data-parallel replicas are asynchronous workers of their own staleness.
 
     The step is :func:`mixjax.train.make_train_step` (the same arguments) run per replica with
-    ``jax.shard_map`` over ``"data"``: each replica computes the gradient of its ``B / R``
+    ``jax.shard_map`` over the mesh's ``"data"`` axis, called ``axis_name`` inside the step (as
+    in :func:`mixjax.parallel.shard_map_step`): each replica computes the gradient of its ``B / R``
     examples, ``tx`` (a :func:`replica_delayed` transformation, possibly inside
     ``optax.chain``) keeps it in the replica's FIFO row and averages the replicas' stale
     gradients; the transform's ``update`` gets the mean *fresh* gradient (as the synchronous
     step's), the model state (batch statistics) and metrics are averaged over the replicas.
-    Each replica draws its randomness from ``fold_in(rng, replica)``.
+    Each replica draws its randomness from ``fold_in(rng, replica)``. A model whose BatchNorm
+    has an ``axis_name`` (``models.ResNet20(..., axis_name="batch")``) normalizes with the
+    statistics of all replicas' examples when ``axis_name`` (here and in ``replica_delayed``)
+    is that name.
 
     Example::
 
@@ -303,6 +318,9 @@ def async_data_parallel(
         state = mixjax.train.init_train_state(params, tx, key=key)
         step = mixjax.delay.async_data_parallel(apply_fn, tx, parallel.make_mesh(data=4))
         state, metrics = step(state, batch)
+        # A BatchNorm with axis_name="batch": the same name in both places.
+        tx = mixjax.delay.replica_delayed(optax.sgd(0.1), (0, 1, 2, 3), axis_name="batch")
+        step = mixjax.delay.async_data_parallel(apply_fn, tx, mesh, axis_name="batch")
 
     Args:
       apply_fn: the model (:class:`mixjax.train.ApplyFn`), *not* wrapped with
@@ -316,25 +334,30 @@ def async_data_parallel(
       loss: as in :func:`mixjax.train.make_train_step`.
       steps_per_call: as in :func:`mixjax.train.make_train_step`.
       donate: donate the state's buffers.
+      axis_name: the name of the replica axis (the mesh's ``"data"`` axis) inside the step,
+        the one the model's collectives use and ``replica_delayed``'s ``axis_name``.
 
     Returns:
       ``step(state, batch) -> (state, metrics)``: ``batch`` as in
       :func:`mixjax.parallel.data_parallel`; the state keeps every :class:`ReplicaDelayState`
-      FIFO split over ``"data"`` on its replica axis (:func:`replica_specs`) and the rest
-      replicated.
+      FIFO split over the mesh's ``"data"`` axis on its replica axis (:func:`replica_specs`),
+      whatever ``axis_name``, and the rest replicated.
 
     Raises:
-      TypeError / ValueError (here): as :func:`mixjax.train.make_train_step`, or a bad mesh.
+      TypeError / ValueError (here): as :func:`mixjax.train.make_train_step`; a bad mesh; an
+        ``axis_name`` not a non-empty str or naming another mesh axis; a model wrapped with
+        :func:`mixjax.parallel.replica_apply`.
       ValueError (each call, before compiling): a state without a :class:`ReplicaDelayState`
         or whose FIFOs hold a number of replicas (``len(taus)``) other than the data axis
-        size; a global batch not divisible by the data axis.
-      ValueError (here): a model wrapped with :func:`mixjax.parallel.replica_apply`.
+        size; a global batch not divisible by the data axis; (first call) ``replica_delayed``
+        built with another ``axis_name``.
     """
     fn_name = "mixjax.delay.async_data_parallel"
     mesh = check_mesh(fn_name, mesh)
+    axis_name = check_axis_name(fn_name, axis_name, mesh)
     transform = identity() if transform is None else transform
     if isinstance(transform, ParamTransform):  # anything else: make_train_step's TypeError
-        transform = _fresh_mean_grads(transform)
+        transform = _fresh_mean_grads(transform, axis_name)
     step = make_train_step(
         apply_fn,
         tx,
@@ -347,8 +370,9 @@ def async_data_parallel(
     )
     step = check_train_step(fn_name, step, local_grads=True)
     steps_per_call = step.steps_per_call
-    body = replica_body(step.pure, local_grads=True)
+    body = replica_body(step.pure, local_grads=True, axis_name=axis_name)
     replicas = mesh.shape[DATA]
+    inner_mesh = _renamed(mesh, axis_name)
     compiled: dict[tuple, tuple[Any, Callable]] = {}
 
     def check_state(state):
@@ -370,20 +394,23 @@ def async_data_parallel(
         key = signature(state)
         if key not in compiled:
             check_state(state)
-            specs = replica_specs(state)
+            specs = replica_specs(state, axis_name)
             mapped = jax.shard_map(
                 body,
-                mesh=mesh,
-                in_specs=(specs, batch_spec(steps_per_call)),
+                mesh=inner_mesh,
+                in_specs=(specs, _spec(steps_per_call, axis_name)),
                 out_specs=(specs, PartitionSpec()),
                 check_vma=False,
             )
+            # On the caller's mesh, whatever axis_name, so the next call's put is a no-op.
             shardings = jax.tree.map(
                 lambda s: NamedSharding(mesh, s),
-                specs,
+                replica_specs(state),
                 is_leaf=lambda x: isinstance(x, PartitionSpec),
             )
-            compiled[key] = (shardings, jax.jit(mapped, donate_argnums=(0,) if donate else ()))
+            out = (shardings, NamedSharding(mesh, PartitionSpec()))
+            jitted = jax.jit(mapped, out_shardings=out, donate_argnums=(0,) if donate else ())
+            compiled[key] = (shardings, jitted)
         shardings, jitted = compiled[key]
         batch = shard_batch(batch, mesh, steps_per_call=steps_per_call)
         return jitted(put(state, shardings), batch)

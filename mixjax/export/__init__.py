@@ -12,25 +12,39 @@ integer inference.
   :mod:`~mixjax.export.bitpack` (with :mod:`~mixjax.export.encoding`): Huffman and
   sparse-position coding, bit packing;
 * :mod:`~mixjax.export.report`: :func:`table`, what each leaf costs;
-* :mod:`~mixjax.export.integer`: :func:`integer_model` and :func:`integer_apply`, a linen model's
-  Dense/Conv layers as int8 x int8 -> int32.
+* :mod:`~mixjax.export.integer` and :mod:`~mixjax.export.integer_run`: :func:`integer_model` and
+  :func:`integer_apply`, every matmul,
+  convolution and lookup of a model's integer weights (linen or NNX) as int8 x int8 -> int32,
+  dequantized integer weights or integer table lookups, with the per-site :func:`integer_table`.
 """
 
 from mixjax.export.artifact import CONTAINERS, Artifact, compress, load, save
-from mixjax.export.integer import InputQuant, IntLayer, IntModel, integer_apply, integer_model
+from mixjax.export.integer import (
+    InputQuant,
+    IntModel,
+    IntSite,
+    IntWeight,
+    SiteRow,
+    integer_model,
+    integer_table,
+)
+from mixjax.export.integer_run import integer_apply
 from mixjax.export.report import LeafRow, Table, table
 
 __all__ = [
     "CONTAINERS",
     "Artifact",
     "InputQuant",
-    "IntLayer",
     "IntModel",
+    "IntSite",
+    "IntWeight",
     "LeafRow",
+    "SiteRow",
     "Table",
     "compress",
     "integer_apply",
     "integer_model",
+    "integer_table",
     "load",
     "save",
     "table",

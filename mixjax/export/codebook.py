@@ -5,18 +5,31 @@ Deep Compression's storage (Han et al. 2016) for any leaf with few distinct valu
 made them few (``share.cluster``, ``prune``, ``quant.fake_quant``, chained in any order): the
 encoder works from the final view (on a fake-quant grid, it is used only where the leaf has fewer
 distinct values than the grid's codes can tell apart, so plain quantized leaves stay ``"int"``
-for integer inference). Both are *candidates* (:data:`mixjax.export.kinds.CANDIDATES`):
-:func:`mixjax.export.compress` tries them on every floating-point leaf and keeps one where it
-is smaller than the leaf's other encodings (``"array"``, ``"int"``).
+for integer inference, and its values are integers on that grid). Both are *candidates*
+(:data:`mixjax.export.kinds.CANDIDATES`): :func:`mixjax.export.compress` tries them on every
+floating-point leaf and keeps one where it is smaller than the leaf's other encodings
+(``"array"``, ``"int"``).
 
 Record (``K`` distinct values, ``b = max(1, ceil(log2 K))`` index bits)::
 
     {"kind": "codebook", "shape", "dtype", "clusters": K, "bits": b,
      "values": record of shape (K,),     # "int" (codes + scale) when a per-tensor fake-quant
                                          # grid holds the values, else "array"
+     ("axis": a,)                        # per-channel values, see below
      "indices": stream,                  # one index per stored entry
      "sparse": null | {"codec": "bitmask" | "relative", "zero": index of +0.0,
                        "positions": stream, ("gap_bits", "num_entries" for "relative")}}
+
+Per-channel codebooks (a leaf on a per-channel fake-quant grid, e.g. clustered per output
+channel and then quantized: :mod:`mixjax.quant.weights`) give each output channel its own values
+(``K`` the most any channel has, the others padded with their largest): ``"axis": a`` names the
+leaf axis, the first that is not an output axis, that holds ``K`` in the values record, whose
+shape is the leaf's with ``K`` on ``a``, the output axes kept and 1 elsewhere (``(K, C)`` for a
+Dense kernel ``(in, C)``, ``(K, 1, 1, C)`` for a Conv ``(h, w, in, C)``). An entry's value is
+its channel's at its index, ``take_along_axis(values, indices, a)``. The values are an ``"int"``
+record on the leaf's own scale, ``(1, C)`` or ``(1, 1, 1, C)``, which broadcasts against the
+leaf too, so :mod:`mixjax.export.integer` re-encodes the whole kernel on it exactly. Leaves on
+a group-wise grid get no codebook. Integer leaves thus keep integer values in every codebook.
 
 Values are distinct *bit patterns* of the leaf (so ``-0.0`` and ``+0.0`` stay apart and the
 round trip is bit-exact), ascending by bit pattern. With ``"sparse"``, only the entries that are
@@ -199,16 +212,62 @@ def _int_record(path: str, leaf: np.ndarray, encoder: Any) -> tuple[Record, Any]
     return record, records.decode_int(record, scratch)
 
 
-def _values_record(values: np.ndarray, grid: Any, path: str, store: Store) -> Record:
-    """``values`` as ints + the leaf's scale when a per-tensor grid holds them, else verbatim."""
-    if grid is not None:
-        # The int grid would turn -0.0 into +0.0; those codebooks stay verbatim (bit-exact).
-        if grid.scale.size == 1 and not np.any(np.signbit(values) & (values == 0)):
-            encode = records.int_encoder(
-                grid.scale.reshape(()), grid.zero_point.reshape(()), fn_name=_COMPRESS
-            )
-            return encode(path, values, store)
-    return records.encode_array(path, values, store)
+def _values_record(
+    values: np.ndarray, grid: Any, per_tensor: bool, path: str, store: Store
+) -> Record:
+    """``values`` as ints on the leaf's grid (its scale as stored, or its single scale as
+    ``()`` for per-tensor values ``(K,)``), else verbatim."""
+    # The int grid would turn -0.0 into +0.0; those codebooks stay verbatim (bit-exact).
+    if grid is None or np.any(np.signbit(values) & (values == 0)):
+        return records.encode_array(path, values, store)
+    scale, zero_point = grid.scale, grid.zero_point
+    if per_tensor:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    return records.int_encoder(scale, zero_point, fn_name=_COMPRESS)(path, values, store)
+
+
+def _group_axes(shape: tuple[int, ...], grid: Any) -> tuple[int, ...] | None:
+    """The output axes whose entries get their own values: ``()`` (one codebook) without a grid
+    or on a per-tensor one, the axes a per-channel scale keeps; ``None`` (no codebook) on a
+    group-wise grid, whose values no single scale per group could hold."""
+    if grid is None or grid.scale.size == 1:
+        return ()
+    padded = (1,) * (len(shape) - grid.scale.ndim) + grid.scale.shape
+    if any(d not in (1, n) for d, n in zip(padded, shape, strict=True)):
+        return None
+    out = tuple(a for a, (d, n) in enumerate(zip(padded, shape, strict=True)) if d == n != 1)
+    return out if len(out) < len(shape) else None
+
+
+def _table(pattern: np.ndarray, out: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per group (an index on the ``out`` axes) its distinct bit patterns and each entry's index.
+
+    Returns:
+      ``(table, indices)``: ``table`` ``(K, F)`` with ``F`` groups and ``K`` the most distinct
+      values of any, each column ascending and padded with its largest; ``indices`` ``(size,)``
+      int64 in C order of ``pattern`` (the leaf's shape), each entry's row in its column.
+    """
+    order = [*(a for a in range(pattern.ndim) if a not in out), *out]
+    groups = pattern.transpose(order).reshape(-1, int(np.prod([pattern.shape[a] for a in out])))
+    ranked = np.argsort(groups, axis=0, kind="stable")
+    sorted_ = np.take_along_axis(groups, ranked, axis=0)
+    first = np.ones(groups.shape, bool)
+    first[1:] = sorted_[1:] != sorted_[:-1]
+    rank = np.cumsum(first, axis=0) - 1
+    table = np.broadcast_to(sorted_[-1], (int(rank.max()) + 1, groups.shape[1])).copy()
+    table[rank, np.arange(groups.shape[1])] = sorted_
+    indices = np.empty(groups.shape, np.int64)
+    np.put_along_axis(indices, ranked, rank, axis=0)
+    shaped = indices.reshape([pattern.shape[a] for a in order]).transpose(np.argsort(order))
+    return table, shaped.reshape(-1)
+
+
+def _values(table: np.ndarray, shape: tuple[int, ...], out: tuple[int, ...], axis: int):
+    """The ``(K, F)`` table as per-channel values: ``K`` on ``axis``, the ``out`` axes of
+    ``shape`` kept, 1 elsewhere (module docstring)."""
+    others = [a for a in range(len(shape)) if a != axis and a not in out]
+    placed = table.reshape(table.shape[0], *(shape[a] for a in out), *[1] * len(others))
+    return placed.transpose(np.argsort([axis, *out, *others]))
 
 
 def encode_codebook(
@@ -219,44 +278,47 @@ def encode_codebook(
     *,
     huffman: bool = True,
 ) -> Record | None:
-    """The ``"codebook"`` record of a floating-point leaf with at most 256 distinct values.
+    """The ``"codebook"`` record of a floating-point leaf with at most 256 distinct values (per
+    output channel, on a per-channel grid).
 
     Args:
       path: the leaf's path.
       leaf: the view leaf (any floating dtype, any shape).
       encoder: the leaf's covering encoder (a fake-quant grid), used for the values; or None.
         With one, leaves whose index bits would not be fewer than the grid's code bits get
-        ``None`` (they stay ``"int"``).
+        ``None`` (they stay ``"int"``), and so do leaves on group-wise grids; on a per-channel
+        grid each output channel has its own values (``"axis"``, module docstring), integers
+        on its channel's scale.
       store: saves an array, returns its name.
       huffman: try Huffman coding for the streams (``False``: packed bits only, e.g. to
         measure what Huffman coding saves).
 
     Returns:
       The record (module docstring), or ``None`` for non-float or empty leaves and leaves with
-      more than :data:`MAX_CLUSTERS` distinct values.
+      more than :data:`MAX_CLUSTERS` distinct values (per group).
     """
     if not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.size == 0:
         return None
-    pattern = leaf.reshape(-1).view(np.dtype(f"u{leaf.dtype.itemsize}"))
-    unique, inverse = np.unique(pattern, return_inverse=True)
-    if unique.size > MAX_CLUSTERS:
+    record, grid = _int_record(path, leaf, encoder) if encoder is not None else (None, None)
+    out = _group_axes(leaf.shape, grid)
+    if out is None:
         return None
-    clusters = int(unique.size)
+    pattern = leaf.view(np.dtype(f"u{leaf.dtype.itemsize}"))
+    table, indices = _table(pattern, out)
+    clusters = table.shape[0]
+    if clusters > MAX_CLUSTERS:
+        return None
     bits = max(1, (clusters - 1).bit_length())
-    grid = None
-    if encoder is not None:
-        record, grid = _int_record(path, leaf, encoder)
-        # On a quantization grid, a codebook only where clustering left fewer values than the
-        # grid's codes can tell apart: plain quantized leaves keep their "int" records, which
-        # the integer inference path (mixjax.export.integer) runs on.
-        if bits >= record["bits"]:
-            return None
-    indices = inverse.reshape(-1).astype(np.uint8)
-    dense = (None, _stream(indices, bits, huffman))
-    options = [dense]
-    zero = np.flatnonzero(unique == 0)
-    if zero.size:
-        meta, entries = _sparse(indices, int(zero[0]), bits, huffman)
+    # On a quantization grid, a codebook only where clustering left fewer values than the
+    # grid's codes can tell apart: plain quantized leaves keep their "int" records, which the
+    # integer inference path (mixjax.export.integer) runs on.
+    if record is not None and bits >= record["bits"]:
+        return None
+    indices = indices.astype(np.uint8)
+    options = [(None, _stream(indices, bits, huffman))]
+    # +0.0 (bit pattern 0) sorts first: index 0 where every group holds it.
+    if not np.any(table[0]):
+        meta, entries = _sparse(indices, 0, bits, huffman)
         options.append((meta, _stream(entries, bits, huffman)))
 
     def size(option):
@@ -267,13 +329,19 @@ def encode_codebook(
     meta, stream = min(options, key=size)
     if meta is not None:
         meta = {**meta, "positions": _stored(meta["positions"], store)}
+    if out:
+        axis = min(a for a in range(leaf.ndim) if a not in out)
+        values, where = _values(table, leaf.shape, out, axis), {"axis": axis}
+    else:
+        values, where = table[:, 0], {}
     return {
         "kind": "codebook",
         "shape": list(leaf.shape),
         "dtype": str(leaf.dtype),
         "clusters": clusters,
         "bits": bits,
-        "values": _values_record(unique.view(leaf.dtype), grid, path, store),
+        **where,
+        "values": _values_record(values.view(leaf.dtype), grid, not out, path, store),
         "indices": _stored(stream, store),
         "sparse": meta,
     }
@@ -287,8 +355,15 @@ def decode_codebook(record: Record, arrays: Mapping[str, np.ndarray]) -> np.ndar
     if not _is_int(clusters) or not 1 <= clusters <= MAX_CLUSTERS:
         raise ValueError(f"bad clusters={encoding.short_repr(clusters)}")
     values = records.decode_plain(record.get("values"), arrays)
-    if values.shape != (clusters,):
+    axis = record.get("axis")
+    if axis is None and values.shape != (clusters,):
         raise ValueError(f"the codebook values must have shape ({clusters},)")
+    if axis is not None and not _per_channel_values(values.shape, shape, clusters, axis):
+        raise ValueError(
+            f"per-channel codebook values of shape {values.shape} do not fit axis="
+            f"{encoding.short_repr(axis)} of shape {shape} ({clusters} on that axis, 1 or the "
+            "leaf's size on the others)"
+        )
     index_bits = max(1, (clusters - 1).bit_length())
     if not _is_int(bits) or bits != index_bits:
         raise ValueError(
@@ -301,4 +376,19 @@ def decode_codebook(record: Record, arrays: Mapping[str, np.ndarray]) -> np.ndar
         raise ValueError(f"{indices.size} indices for {size} entries")
     if size and int(indices.max()) >= clusters:
         raise ValueError(f"index {int(indices.max())} past the {clusters} codebook values")
-    return values.astype(dtype)[indices.astype(np.int64)].reshape(shape)
+    if axis is None:
+        return values.astype(dtype)[indices.astype(np.int64)].reshape(shape)
+    # Values broadcast over the axes they have size 1 on: each entry reads its own channel's.
+    picked = indices.astype(np.int64).reshape(shape)
+    return np.take_along_axis(values.astype(dtype), picked, axis=axis)
+
+
+def _per_channel_values(
+    found: tuple[int, ...], shape: tuple[int, ...], clusters: int, axis: Any
+) -> bool:
+    """Whether per-channel values of shape ``found`` fit a leaf of ``shape`` (module docstring)."""
+    if not _is_int(axis) or not 0 <= axis < len(shape) or len(found) != len(shape):
+        return False
+    return found[axis] == clusters and all(
+        v in (1, n) for a, (v, n) in enumerate(zip(found, shape, strict=True)) if a != axis
+    )

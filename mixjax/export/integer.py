@@ -1,36 +1,38 @@
-"""Integer inference: a linen model's Dense/Conv layers as int8 x int8 -> int32, then rescaled.
+"""Integer inference: every matmul, convolution and lookup of an artifact's integer weights.
 
-:func:`integer_model` reads an artifact (:mod:`mixjax.export`, symmetric weights of at most 8
-bits) and calibrated or QAT activation ranges (:func:`mixjax.quant.activation_quant`, 8 bits at
-most) into an :class:`IntModel` pytree; :func:`integer_apply` runs any linen model function
-with every ``nn.Dense`` /
-``nn.Conv`` call intercepted (``flax.linen.intercept_methods``) and computed as
+:func:`integer_model` reads an artifact (:mod:`mixjax.export`) and, optionally, calibrated or
+QAT activation ranges (:func:`mixjax.quant.activation_quant`, 8 bits at most), traces the model
+once to find its *sites* (each ``dot_general``, ``conv_general_dilated`` or ``gather`` of a
+parameter, found in the jaxpr: linen ``Dense``, ``DenseGeneral``, ``Conv``, ``Embed`` and its
+tied ``attend``, NNX ``Linear``, ``Einsum`` and ``Conv`` alike) and decides per site how it
+runs; :func:`mixjax.export.integer_apply` (:mod:`mixjax.export.integer_run`) runs the model so.
+The ways, in :attr:`IntModel.table` (:func:`integer_table` prints it):
 
-    q_x = quantize(x)                                    # int8, activation scale s_x, zero z_x
-    acc = dot(q_x, q_w) - z_x * sum(q_w)                 # int32 (lax.dot_general /
-                                                         #   conv_general_dilated, exact)
-    y = acc * (s_x * s_w) + bias                         # float32
+* ``"int8 x int8 -> int32"``: a symmetric kernel of <= 8 bits whose scale is constant along
+  the contraction (per tensor, or per output feature), with an observed input::
 
-which equals the fake-quant forward ``dot(dq(q_x), dq(q_w)) + bias`` up to float32 summation
-order (relative error ~1e-7 for one layer). In deeper layers an input that lies within that
-float32 error of a rounding boundary can take the neighbouring code, which moves the logits by
-one activation step: rare, ~1e-4 relative error on 1024-wide layers, argmax unchanged in the
-tests and benchmarks. Convolutions pad ``q_x`` with ``z_x`` (the code of 0.0) before a VALID
-integer conv, so the ``z_x * sum(q_w)`` correction is exact at the borders too. The other layers
-(pooling, norms, activations) run in float as the model defines them, with the parameters the
-model function closes over (``artifact.params()``).
+      q_x = quantize(x)                                   # int8, scale s_x, zero point z_x
+      acc = dot(q_x, q_w) - z_x * sum(q_w)                # int32, the site's own dimension
+                                                          #   numbers (exact)
+      y = acc * (s_x * s_w)                               # float32
 
-Fallbacks, each announced with a ``UserWarning`` at trace time, never silent: a layer whose
-weights are not quantized, a Conv with ``padding`` ``'CIRCULAR'``/``'REFLECT'``/``'CAUSAL'``,
-``input_dilation != 1``, a ``mask``, several batch dimensions, or a backend whose XLA cannot
-compile the integer dot/conv, runs as the float fake-quant layer (same result, float speed).
+  equal to the fake-quant forward ``dot(dq(q_x), dq(q_w))`` up to float32 summation order.
+  Convolutions pad ``q_x`` with ``z_x`` (the code of 0.0) and run unpadded, so the correction
+  is exact at the borders too;
+* ``"intB weights, float matmul"`` (``"intB gG ..."`` with group-wise scales): the integer codes
+  dequantized into the site's float op, the input fake-quantized where it was observed; the way
+  for weight-only int8/int4 language models, for group-wise or asymmetric kernels, and for
+  kernels above 8 bits;
+* ``"intB table lookup"``: a ``gather`` of the integer codes, dequantized by the gathered
+  row scales (an out-of-range index still reads NaN where the model's gather fills);
+* ``"float"``: the model's own op on the artifact's float values (the input fake-quantized where
+  observed), with the reason: a kernel that is not quantized, one transformed by a
+  value-changing op before the matmul, a convolution with input dilation, a backend whose XLA
+  cannot compile int8 ops. Leaves used where no site can be intercepted (inside ``scan``) are
+  listed too. ``integer_model`` warns once, naming every site that runs in float.
 
-Layers are matched by module path (``"Dense_0"`` <-> the artifact's ``"Dense_0/kernel"``), so
-compress the linen ``params`` dict. NNX models are not supported here (they run the fake-quant
-forward through :func:`mixjax.quant.instrument`).
-
-Non-finite activations: an example (a row for Dense) whose layer input holds NaN/Inf gets NaN
-outputs from that layer, since integers cannot carry NaN.
+Non-finite activations: an example whose site input holds NaN/Inf gets NaN outputs from an int8
+site (integers cannot carry NaN).
 """
 
 from __future__ import annotations
@@ -40,25 +42,38 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.linen.linear import canonicalize_padding
 
+from mixjax import _intercept, _markdown
 from mixjax.export import kinds, records
 from mixjax.export.artifact import Artifact
+from mixjax.quant import grids
 from mixjax.quant.activations import OUTPUT, ActivationQuant
-from mixjax.quant.grids import Grid, quantize, quantize_dequantize
 from mixjax.quant.observers import ObserverState
 
-__all__ = ["InputQuant", "IntLayer", "IntModel", "integer_apply", "integer_model"]
+__all__ = [
+    "DEQUANTIZED",
+    "INT8",
+    "LOOKUP",
+    "InputQuant",
+    "IntModel",
+    "IntSite",
+    "IntWeight",
+    "SiteRow",
+    "integer_model",
+    "integer_table",
+]
 
 _PREPARE = "mixjax.export.integer_model"
+INT8 = "int8 x int8 -> int32"
+DEQUANTIZED = "weights dequantized"
+LOOKUP = "table lookup"
 
 
 class InputQuant(NamedTuple):
-    """Activation quantization of one layer input (or the output).
+    """Activation quantization of one site input (or the output).
 
     Attributes:
       scale: float32 ``()``.
@@ -72,35 +87,72 @@ class InputQuant(NamedTuple):
     qmax: jax.Array
 
 
-class IntLayer(NamedTuple):
-    """One Dense/Conv layer for :func:`integer_apply`.
+class IntWeight(NamedTuple):
+    """A parameter leaf's integer codes: ``float = (codes - zero_point) * scale``.
 
     Attributes:
-      inputs: the layer input's :class:`InputQuant`.
-      kernel: int8, the kernel's shape (``(in, out)`` or ``(*window, in, out)``); ``None`` when
-        the kernel is not quantized (the layer runs in float fake-quant).
-      rescale: float32 ``(out,)``, ``s_x * s_w``.
-      correction: int32 ``(out,)``, ``z_x * sum(kernel over all but the last axis)``.
-      bias: float32 ``(out,)`` (zeros without a bias).
+      codes: int8 (int16 above 8 bits), the leaf's shape.
+      scale: float32, compact (block-broadcast against ``codes``,
+        :func:`mixjax.quant.grids.expand_scale`).
+      zero_point: int32 of ``scale``'s shape.
     """
 
-    inputs: InputQuant
-    kernel: jax.Array | None
+    codes: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array
+
+
+class IntSite(NamedTuple):
+    """What one site needs at run time (``None`` where its way does not use it).
+
+    Attributes:
+      inputs: the input's :class:`InputQuant`, ``None`` where the input was not observed.
+      rescale: float32, ``s_x * s_w`` shaped to broadcast against the site's output (int8).
+      correction: int32 like ``rescale``, ``z_x * sum(q_w)`` over the contraction (int8).
+    """
+
+    inputs: InputQuant | None
     rescale: jax.Array | None
     correction: jax.Array | None
-    bias: jax.Array | None
 
 
+class SiteRow(NamedTuple):
+    """One row of :attr:`IntModel.table`: site name, leaf path, kind, way, reason."""
+
+    site: str
+    path: str
+    kind: str
+    way: str
+    why: str
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["weights", "sites", "output"],
+    meta_fields=["table"],
+)
 class IntModel(NamedTuple):
-    """Everything :func:`integer_apply` needs besides the model function.
+    """Everything :func:`integer_apply` needs besides the model and its float parameters.
+
+    A pytree (pass it to a jitted function); ``table`` is static.
 
     Attributes:
-      layers: ``{module path: IntLayer}`` for every activation-quantized Dense/Conv.
+      weights: ``{leaf path: IntWeight}`` for the leaves some site runs from integer codes.
+      sites: ``{site name: IntSite}`` for every site found.
       output: the :class:`InputQuant` of the model output, or ``None``.
+      table: the :class:`SiteRow` s, in site order.
     """
 
-    layers: dict[str, IntLayer]
+    weights: dict[str, IntWeight]
+    sites: dict[str, IntSite]
     output: InputQuant | None
+    table: tuple[SiteRow, ...]
+
+
+def integer_table(int_model: IntModel) -> str:
+    """``int_model.table`` as a markdown table (site, leaf, kind, way, why)."""
+    columns = [("site", "<"), ("leaf", "<"), ("kind", "<"), ("runs as", "<"), ("why", "<")]
+    return _markdown.table(columns, [tuple(row) for row in int_model.table])
 
 
 def _input_quant(act: ActivationQuant, obs: ObserverState) -> InputQuant:
@@ -111,7 +163,7 @@ def _input_quant(act: ActivationQuant, obs: ObserverState) -> InputQuant:
 def _integer_kernel(
     record: records.Record, arrays: dict[str, np.ndarray]
 ) -> tuple[records.IntTensor, int] | None:
-    """The integer codes and bits of a kernel record, or ``None`` where it has no integer grid.
+    """The integer codes and bits of a record, or ``None`` where it has no integer grid.
 
     Clustered-then-quantized kernels are stored as ``"codebook"`` records (indices into shared
     values) whose values are themselves an ``"int"`` record: the kernel is exactly
@@ -140,98 +192,6 @@ def _integer_kernel(
     return records.decode_int(encoded, own), encoded["bits"]
 
 
-def _check_layer(path: str, kernel: np.ndarray, scale: np.ndarray) -> None:
-    """A kernel the integer path can run: ``(..., in, out)``, not empty, and a scale per
-    tensor or per output channel (the last axis)."""
-    where = f"{_PREPARE}: kernel {path + '/kernel'!r}"
-    if kernel.ndim < 2 or kernel.size == 0:
-        raise ValueError(f"{where} has shape {kernel.shape}; a Dense/Conv kernel is (..., in, out)")
-    per_channel = scale.ndim and scale.size == scale.shape[-1] == kernel.shape[-1]
-    if scale.size != 1 and not per_channel:
-        raise ValueError(
-            f"{where}: its scale {scale.shape} is neither per tensor nor per output channel "
-            f"(the last axis of {kernel.shape})"
-        )
-
-
-def integer_model(
-    artifact: Artifact,
-    act: ActivationQuant,
-    act_state: dict[str, ObserverState],
-) -> IntModel:
-    """Builds the integer model from an artifact and activation ranges.
-
-    Args:
-      artifact: from :func:`mixjax.export.compress` on the linen ``params`` dict (paths like
-        ``"Dense_0/kernel"``) or from :func:`mixjax.export.load`.
-      act: the activation quantizer (``bits <= 8``).
-      act_state: its calibrated (or QAT-trained) observer state.
-
-    Raises:
-      ValueError: activation bits above 8; a layer never observed (run calibration first); a
-        quantized kernel with a zero point or more than 8 bits, with fewer than 2 axes, with a
-        scale that is not per tensor or per output channel, or a bias of another shape than
-        ``(out,)``; each names the leaf.
-    """
-    name = _PREPARE
-    if act.grid.bits > 8:
-        raise ValueError(
-            f"{name}: integer inference needs activations of <= 8 bits, got {act.grid.bits}"
-        )
-    unobserved = [path for path, obs in act_state.items() if int(obs.count) == 0]
-    if unobserved:
-        raise ValueError(
-            f"{name}: layers {unobserved} have no activation range (count == 0); run "
-            "mixjax.quant.calibrate or QAT first"
-        )
-    records = {leaf["path"]: leaf for leaf in artifact.leaves}
-    layers = {}
-    for path, obs in act_state.items():
-        if path == OUTPUT:
-            continue
-        inputs = _input_quant(act, obs)
-        record = records.get(f"{path}/kernel")
-        integer = None if record is None else _integer_kernel(record, artifact.arrays)
-        if integer is None:
-            warnings.warn(
-                f"{name}: layer {path!r} has no quantized kernel in the artifact; it runs in "
-                "float (fake-quant inputs)",
-                stacklevel=2,
-            )
-            layers[path] = IntLayer(inputs, None, None, None, None)
-            continue
-        t, bits = integer
-        if np.any(t.zero_point) or bits > 8:
-            raise ValueError(
-                f"{name}: kernel {path + '/kernel'!r} must be symmetric (zero point 0) with <= 8 "
-                f"bits for the integer path, got bits={bits}, "
-                f"zero_point={'nonzero' if np.any(t.zero_point) else 0}"
-            )
-        kernel = t.q.astype(np.int8)
-        _check_layer(path, kernel, t.scale)
-        colsum = kernel.reshape(-1, kernel.shape[-1]).astype(np.int32).sum(axis=0)
-        bias = records.get(f"{path}/bias")
-        bias = (
-            np.zeros(kernel.shape[-1], np.float32)
-            if bias is None
-            else kinds.decode(bias, artifact.arrays).astype(np.float32)
-        )
-        if bias.shape != (kernel.shape[-1],):
-            raise ValueError(
-                f"{name}: bias {path + '/bias'!r} has shape {bias.shape}, the kernel "
-                f"{kernel.shape} needs ({kernel.shape[-1]},)"
-            )
-        layers[path] = IntLayer(
-            inputs,
-            jnp.asarray(kernel),
-            jnp.asarray(inputs.scale * t.scale.reshape(-1)),
-            jnp.asarray(np.int32(inputs.zero_point) * colsum),
-            jnp.asarray(bias),
-        )
-    output = act_state.get(OUTPUT)
-    return IntModel(layers, None if output is None else _input_quant(act, output))
-
-
 @functools.cache
 def _integer_ops_compile(backend: str) -> bool:
     lhs = jax.ShapeDtypeStruct((1, 3, 3, 1), jnp.int8)
@@ -257,110 +217,196 @@ def _integer_ops_compile(backend: str) -> bool:
     return True
 
 
-def _conv_pads(module: nn.Conv, x: jax.Array, kernel: jax.Array) -> tuple[Any, str | None]:
-    """Explicit pads and strides for ``module`` on ``x``, or ``(None, why)`` to fall back."""
-    window = kernel.shape[:-2]
-    n = len(window)
-    broadcast = lambda v: (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))
-    strides, dilation = broadcast(module.strides), broadcast(module.kernel_dilation)
-    if x.ndim != n + 2:
-        return None, f"input of rank {x.ndim} (needs exactly one batch dimension)"
-    if broadcast(module.input_dilation) != (1,) * n:
-        return None, f"input_dilation={module.input_dilation}"
-    if module.mask is not None:
-        return None, "a kernel mask"
-    padding = canonicalize_padding(module.padding, n)
-    if isinstance(padding, str) and padding not in ("SAME", "VALID"):
-        return None, f"padding={padding!r}"
-    if isinstance(padding, str):
-        dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation, strict=True))
-        padding = jax.lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding)
-    return (tuple(tuple(p) for p in padding), strides, dilation), None
+class _Dims(NamedTuple):
+    """A site's weight axes: contracted, batch, free (in output order), and the output shape
+    (as a list of axis sizes, 1 where the activation's axes go) the weight's factors take."""
+
+    contract: tuple[int, ...]
+    keep: tuple[int, ...]
+    out_shape: tuple[int, ...]
 
 
-def _int_layer(module: nn.Module, layer: IntLayer, x: jax.Array) -> tuple[jax.Array | None, str]:
-    """The integer layer output, or ``(None, why)`` when it must fall back to float."""
-    iq = layer.inputs
+def _dims(site: _intercept.Site, weight_shape: tuple[int, ...], out_ndim: int) -> _Dims:
+    params = site.eqn.params
+    if site.kind == "conv":
+        rhs_spec, out_spec = (
+            params["dimension_numbers"].rhs_spec,
+            params["dimension_numbers"].out_spec,
+        )
+        shape = [1] * out_ndim
+        shape[out_spec[1]] = weight_shape[rhs_spec[0]]
+        return _Dims((rhs_spec[1], *rhs_spec[2:]), (rhs_spec[0],), tuple(shape))
+    (contract_l, contract_r), (batch_l, batch_r) = params["dimension_numbers"]
+    contract, batch = (contract_r, batch_r) if site.weight == 1 else (contract_l, batch_l)
+    free = tuple(a for a in range(len(weight_shape)) if a not in (*contract, *batch))
+    act_free = out_ndim - len(batch) - len(free)
+    sizes = [weight_shape[a] for a in free]
+    middle = ([1] * act_free + sizes) if site.weight == 1 else (sizes + [1] * act_free)
+    shape = [weight_shape[a] for a in batch] + middle
+    return _Dims(tuple(contract), (*batch, *free), tuple(shape))
+
+
+def _per_output(values: np.ndarray, dims: _Dims, reduce: Callable[..., np.ndarray]) -> np.ndarray:
+    """``values`` (the weight operand's shape) reduced over the contraction, in output order."""
+    moved = np.transpose(values, (*dims.keep, *dims.contract))
+    axes = tuple(range(len(dims.keep), moved.ndim))
+    return reduce(moved, axis=axes).reshape(dims.out_shape)
+
+
+def _int8_site(
+    site: _intercept.Site, weight: IntWeight, inputs: InputQuant, out_ndim: int
+) -> tuple[IntSite | None, str]:
+    """The int8 way's factors for ``site``, or ``(None, why not)``."""
     if not _integer_ops_compile(jax.default_backend()):
         return None, f"XLA on backend {jax.default_backend()!r} cannot compile int8 dot/conv"
-    q = quantize(x, iq.scale, iq.zero_point, Grid(8, iq.qmin, iq.qmax))
-    q = q.astype(jnp.int8)
-    if isinstance(module, nn.Conv):
-        spec, why = _conv_pads(module, x, layer.kernel)
-        if spec is None:
-            return None, why
-        pads, strides, dilation = spec
-        zero = iq.zero_point.astype(jnp.int8)
-        q = jax.lax.pad(q, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)])
-        dims = jax.lax.ConvDimensionNumbers(
-            (0, x.ndim - 1, *range(1, x.ndim - 1)),
-            (x.ndim - 1, x.ndim - 2, *range(0, x.ndim - 2)),
-            (0, x.ndim - 1, *range(1, x.ndim - 1)),
+    if site.kind == "conv":
+        params = site.eqn.params
+        if any(d != 1 for d in params["lhs_dilation"]) or params["batch_group_count"] != 1:
+            return None, "a convolution with input dilation or batch groups"
+    codes = np.asarray(site.chain.replay(weight.codes))
+    scale = np.asarray(
+        site.chain.replay(
+            np.broadcast_to(
+                grids.expand_scale(weight.scale, weight.codes.shape), weight.codes.shape
+            )
         )
-        acc = jax.lax.conv_general_dilated(
-            q,
-            layer.kernel,
-            strides,
-            "VALID",
-            rhs_dilation=dilation,
-            dimension_numbers=dims,
-            feature_group_count=module.feature_group_count,
-            preferred_element_type=jnp.int32,
+    )
+    dims = _dims(site, codes.shape, out_ndim)
+    lo, hi = _per_output(scale, dims, np.min), _per_output(scale, dims, np.max)
+    if not np.array_equal(lo, hi):
+        return None, "its scales vary along the contraction (group-wise)"
+    colsum = _per_output(codes.astype(np.int64), dims, np.sum)
+    rescale = jnp.asarray(inputs.scale * lo, jnp.float32)
+    correction = jnp.asarray(np.int32(inputs.zero_point) * colsum.astype(np.int32))
+    return IntSite(inputs, rescale, correction), ""
+
+
+def _weight(record: records.Record, arrays: dict[str, np.ndarray]) -> tuple[IntWeight, int] | None:
+    found = _integer_kernel(record, arrays)
+    if found is None:
+        return None
+    t, bits = found
+    if not np.all(np.isfinite(t.scale) & (t.scale > 0)):
+        raise ValueError(
+            f"{_PREPARE}: leaf {record['path']!r} has scales that are not finite and positive "
+            f"(shape {t.scale.shape}); the artifact is damaged"
         )
-        bad_axes = tuple(range(1, x.ndim))
-    else:
-        acc = jax.lax.dot_general(
-            q, layer.kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32
-        )
-        bad_axes = (x.ndim - 1,)
-    y = (acc - layer.correction).astype(jnp.float32) * layer.rescale + layer.bias
-    # A boolean any() costs ~10 % of a small layer on CPU (a float max or sum costs more).
-    bad = jnp.any(~jnp.isfinite(x), axis=bad_axes, keepdims=True)
-    return jnp.where(bad, jnp.nan, y), ""
+    codes = t.q.astype(np.int8 if bits <= 8 else np.int16)
+    return IntWeight(jnp.asarray(codes), jnp.asarray(t.scale), jnp.asarray(t.zero_point)), bits
 
 
-def _fake(x: jax.Array, iq: InputQuant) -> jax.Array:
-    return quantize_dequantize(x, iq.scale, iq.zero_point, Grid(8, iq.qmin, iq.qmax))
+def _way(site, weight, bits, record, inputs, out_ndim) -> tuple[str, str, IntSite]:
+    """How ``site`` runs: ``(way, why, IntSite)``."""
+    plain = IntSite(inputs, None, None)
+    if weight is None:
+        why = "not quantized in the artifact" if record is not None else "not in the artifact"
+        return "float", why, plain
+    if not site.chain.exact:
+        return "float", "a value-changing op transforms the kernel before it is used", plain
+    label = f"int{bits}{_group_label(weight)}"
+    if site.kind == "embedding" and not site.chain.steps:
+        return f"{label} {LOOKUP}", "", plain
+    dequantized = f"{label} {DEQUANTIZED}"
+    if site.kind == "embedding":
+        return dequantized, "the table is reshaped before the lookup", plain
+    if inputs is None:
+        return dequantized, "input not observed (weight-only)", plain
+    if bits > 8 or np.any(np.asarray(weight.zero_point)):
+        return dequantized, "the int8 path needs symmetric kernels of <= 8 bits", plain
+    factors, why = _int8_site(site, weight, inputs, out_ndim)
+    if factors is None:
+        return dequantized, why, plain
+    return INT8, "", factors
 
 
-def integer_apply(
-    model_fn: Callable[..., Any], int_model: IntModel, *args: Any, **kwargs: Any
-) -> Any:
-    """Runs ``model_fn(*args, **kwargs)`` with its Dense/Conv layers on the integer path.
+def _group_label(weight: IntWeight) -> str:
+    """``" g32"`` for scales in groups of 32 along an axis, ``""`` otherwise."""
+    shape = np.shape(weight.scale)
+    padded = (1,) * (weight.codes.ndim - len(shape)) + shape  # aligned as in broadcasting
+    pairs = zip(weight.codes.shape, padded, strict=True)
+    return "".join(f" g{n // s}" for n, s in pairs if s not in (1, n))
+
+
+def integer_model(
+    fn: Callable[..., Any],
+    artifact: Artifact,
+    *args: Any,
+    act: ActivationQuant | None = None,
+    act_state: dict[str, ObserverState] | None = None,
+    like: Any = None,
+) -> IntModel:
+    """Prepares integer inference of ``fn`` from an artifact (module docstring).
 
     Args:
-      model_fn: a linen model function closing over float parameters, e.g.
-        ``lambda x: model.apply({"params": artifact.params()}, x)``.
-      int_model: from :func:`integer_model`.
+      fn: the model, ``fn(params, *args)``, e.g. ``lambda p, x: module.apply({"params": p}, x)``
+        or ``lambda s, x: nnx.merge(graphdef, s)(x)``; the same function
+        :func:`integer_apply` runs.
+      artifact: from :func:`mixjax.export.compress` on the params ``fn`` takes (or loaded).
+      *args: example inputs (only traced: ``jax.ShapeDtypeStruct`` works).
+      act: the activation quantizer (``bits <= 8``); ``None`` for weight-only inference.
+      act_state: its calibrated (or QAT-trained) observer state (with ``act``).
+      like: the params' tree structure ``fn`` takes, when the artifact does not hold it (a
+        loaded artifact of an ``nnx.State``; :meth:`mixjax.export.Artifact.params`).
 
-    Returns:
-      ``model_fn``'s output (float32), quantized as the fake-quant forward when the activation
-      quantizer had ``output=True``. Pure and jit-able.
+    Raises:
+      ValueError: activation bits above 8; ``act`` without ``act_state``; an observer that has
+        seen nothing (run calibration first); observers of sites the model does not have; a
+        damaged artifact record (the message names the leaf); a model that rejects ``args``.
     """
+    if (act is None) != (act_state is None):
+        raise ValueError(f"{_PREPARE}: give act and act_state together (or neither)")
+    act_state = dict(act_state or {})
+    if act is not None and act.grid.bits > 8:
+        raise ValueError(
+            f"{_PREPARE}: integer inference needs activations of <= 8 bits, got {act.grid.bits}"
+        )
+    unobserved = [path for path, obs in act_state.items() if int(obs.count) == 0]
+    if unobserved:
+        raise ValueError(
+            f"{_PREPARE}: sites {unobserved} have no activation range (count == 0); run "
+            "mixjax.quant.calibrate or QAT first"
+        )
+    params = artifact.params(like)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    found: dict[str, Any] = {}
 
-    def interceptor(next_fun, call_args, call_kwargs, context):
-        module = context.module
-        path = "/".join(module.path)
-        if (
-            context.method_name != "__call__"
-            or not isinstance(module, (nn.Dense, nn.Conv))
-            or path not in int_model.layers
-        ):
-            return next_fun(*call_args, **call_kwargs)
-        layer = int_model.layers[path]
-        x, rest = call_args[0], call_args[1:]
-        if layer.kernel is None:
-            return next_fun(_fake(x, layer.inputs), *rest, **call_kwargs)
-        y, why = _int_layer(module, layer, x)
-        if y is None:
-            warnings.warn(
-                f"mixjax.export.integer_apply: layer {path!r} runs in float fake-quant, not "
-                f"int8: {why}",
-                stacklevel=2,
-            )
-            return next_fun(_fake(x, layer.inputs), *rest, **call_kwargs)
-        return y
+    def trace():
+        def record_out(site, invals):
+            found[site.name] = len(site.eqn.outvars[0].aval.shape)
 
-    with nn.intercept_methods(interceptor):
-        out = model_fn(*args, **kwargs)
-    return out if int_model.output is None else _fake(out, int_model.output)
+        traced = _intercept.run(fn, shapes, args, record_out, fn_name=_PREPARE)
+        found["__run__"] = traced
+
+    jax.eval_shape(trace)
+    traced = found.pop("__run__")
+    extra = sorted(set(act_state) - set(found) - {OUTPUT})
+    if extra:
+        raise ValueError(
+            f"{_PREPARE}: act_state has sites {extra} this model does not have (its sites: "
+            f"{sorted(found)}); was it made by act.init on this model?"
+        )
+    by_path = {leaf["path"]: leaf for leaf in artifact.leaves}
+    weights, sites, rows, loaded = {}, {}, [], {}
+    for site in traced.sites:
+        record = by_path.get(site.path)
+        if site.path not in loaded:
+            loaded[site.path] = None if record is None else _weight(record, artifact.arrays)
+        weight, bits = loaded[site.path] or (None, 0)
+        obs = act_state.get(site.name)
+        inputs = None if obs is None else _input_quant(act, obs)
+        way, why, int_site = _way(site, weight, bits, record, inputs, found[site.name])
+        if way != "float":
+            weights[site.path] = weight
+        sites[site.name] = int_site
+        rows.append(SiteRow(site.name, site.path, site.kind, way, why))
+    rows += [
+        SiteRow("-", path, "?", "float", f"used inside {why}")
+        for path, why in traced.hidden.items()
+    ]
+    floats = [row.site if row.site != "-" else row.path for row in rows if row.way == "float"]
+    if floats:
+        warnings.warn(f"{_PREPARE}: these run in float: {floats}", stacklevel=2)
+    output = act_state.get(OUTPUT)
+    return IntModel(
+        weights, sites, None if output is None else _input_quant(act, output), tuple(rows)
+    )

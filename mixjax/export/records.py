@@ -10,9 +10,11 @@ is :mod:`mixjax.export.kinds`:
   cannot name are stored as float32, which holds them exactly);
 * ``"int"``: integer codes ``q`` with ``float = (q - zero_point) * scale``: ``"codes"`` packed
   ``bits`` per code with :func:`mixjax.export.bitpack.pack_bits` (two's complement when
-  ``"signed"``) for ``bits <= 8``, an int16/uint16 array above; ``"scale"`` float32 of a
-  keepdims shape broadcasting against ``shape``; ``"zero_point"`` int32 of that shape, or
-  ``null`` when all zero. ``bits`` is the fewest that hold the leaf's codes (at most the grid's:
+  ``"signed"``) for ``bits <= 8``, an int16/uint16 array above; ``"scale"`` float32, a block
+  broadcast of ``shape`` (:func:`mixjax.quant.expand_scale`: each axis 1, the leaf's size, or a
+  proper divisor of it for one scale per group of consecutive entries, e.g. ``(n / 32, C)`` for
+  int4 groups of 32), stored compact; ``"zero_point"`` int32 of that shape, or ``null`` when
+  all zero. ``bits`` is the fewest that hold the leaf's codes (at most the grid's:
   int8 for 8-bit quantization, two codes per byte for 4-bit).
 """
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from mixjax import select
 from mixjax.export import bitpack, encoding
-from mixjax.quant.grids import TINY
+from mixjax.quant.grids import TINY, expand_scale
 
 __all__ = [
     "ARRAY_OVERHEAD",
@@ -62,8 +64,10 @@ class IntTensor(NamedTuple):
 
     Attributes:
       q: int8 (``bits <= 8``) or int16/uint16 array of the leaf's shape.
-      scale: float32, keepdims shape broadcasting against ``q`` (``(1, ..., 1, C)`` or ``()``).
-      zero_point: int32 of ``scale``'s shape.
+      scale: float32, compact: a block broadcast of ``q`` (``()``, ``(1, ..., 1, C)`` or
+        group-wise ``(n / g, C)``), to expand with :func:`mixjax.quant.expand_scale` before it
+        meets ``q`` (:func:`decode_int_values` does).
+      zero_point: int32 of ``scale``'s shape (compact too).
     """
 
     q: np.ndarray
@@ -130,12 +134,15 @@ def decode_int(record: Record, arrays: Mapping[str, np.ndarray]) -> IntTensor:
     )
     if scale.dtype != np.float32 or zero_point.dtype != np.int32:
         raise ValueError(f"scale/zero_point dtypes {scale.dtype}/{zero_point.dtype}")
+    if scale.shape != zero_point.shape:
+        raise ValueError(f"scale {scale.shape} and zero_point {zero_point.shape} differ in shape")
     try:
-        fits = scale.shape == zero_point.shape and np.broadcast_shapes(scale.shape, shape) == shape
+        expand_scale(scale, shape)
     except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(f"scale {scale.shape} does not broadcast against shape {shape}")
+        raise ValueError(
+            f"scale {scale.shape} does not block-broadcast against shape {shape} (each axis "
+            "must be 1, the leaf's size or a divisor of it)"
+        ) from None
     return IntTensor(q, scale, zero_point)
 
 
@@ -143,7 +150,8 @@ def decode_int_values(record: Record, arrays: Mapping[str, np.ndarray]) -> np.nd
     """The float leaf of an ``"int"`` record: ``(q - zero_point) * scale`` in its dtype."""
     _, dtype = shape_dtype(record)
     t = decode_int(record, arrays)
-    values = (t.q.astype(np.int32) - t.zero_point).astype(np.float32) * t.scale
+    scale, zero_point = (expand_scale(a, t.q.shape) for a in (t.scale, t.zero_point))
+    values = (t.q.astype(np.int32) - zero_point).astype(np.float32) * scale
     return values.astype(dtype)
 
 
@@ -212,26 +220,33 @@ def int_encoder(scale: Any, zero_point: Any = None, *, fn_name: str) -> LeafEnco
     """An encoder for a leaf on the grid ``(q - zero_point) * scale`` (see the module docstring).
 
     Args:
-      scale: the grid's float32 scale, broadcasting against the leaf.
+      scale: the grid's float32 scale, a block broadcast of the leaf (group-wise scales
+        included), stored as it is (compact).
       zero_point: its integer zero point (of ``scale``'s shape), ``None`` for 0.
       fn_name: the public function the encoder works for (``"mixjax.export.compress"``), which
         its errors name.
 
     Raises (when called):
-      ValueError: the view holds NaN/Inf, or is not exactly on that grid.
+      ValueError: the view holds NaN/Inf, is not exactly on that grid, or has a shape the scale
+        is no block broadcast of.
     """
     scale = np.maximum(np.asarray(scale, np.float32), np.float32(TINY))
     zp = np.zeros(scale.shape, np.int32) if zero_point is None else np.asarray(zero_point)
     zp = zp.astype(np.int32)
 
     def encode(path, leaf, store):
+        where = select.describe(path, leaf)
         if not np.all(np.isfinite(leaf)):
-            raise ValueError(f"{fn_name}: {select.describe(path, leaf)} holds NaN/Inf values")
-        q = np.round(leaf.astype(np.float64) / scale).astype(np.int64) + zp
-        back = (q - zp).astype(np.float32) * scale
+            raise ValueError(f"{fn_name}: {where} holds NaN/Inf values")
+        try:
+            s, z = expand_scale(scale, leaf.shape), expand_scale(zp, leaf.shape)
+        except ValueError as err:
+            raise ValueError(f"{fn_name}: {where}: {err}") from None
+        q = np.round(leaf.astype(np.float64) / s).astype(np.int64) + z
+        back = (q - z).astype(np.float32) * s
         if not np.array_equal(back.astype(leaf.dtype), leaf):
             raise ValueError(
-                f"{fn_name}: {select.describe(path, leaf)} is not on the integer grid of its "
+                f"{fn_name}: {where} is not on the integer grid of its "
                 "fake-quant state (is another transform chained after fake_quant?)"
             )
         width, signed = _min_bits(int(q.min(initial=0)), int(q.max(initial=0)))

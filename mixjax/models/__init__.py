@@ -1,7 +1,8 @@
 """Reference models in Flax linen and NNX: small image classifiers and real architectures.
 
-* :mod:`~mixjax.models.linen`: :class:`LeNet300100`, :class:`LeNet5`, :class:`SmallCNN` and
-  :func:`create` by name;
+* :mod:`~mixjax.models.registry`: :data:`MODELS`, every model by name with its task and sizes,
+  and :func:`create`;
+* :mod:`~mixjax.models.linen`: :class:`LeNet300100`, :class:`LeNet5`, :class:`SmallCNN`;
 * :mod:`~mixjax.models.nnx`: :class:`NNXClassifier`, :class:`NNXLeNet300100`,
   :class:`NNXLeNet5`;
 * :mod:`~mixjax.models.spec`: the layer :class:`Spec` both share;
@@ -19,8 +20,9 @@ their layers the same in both APIs.
 """
 
 from mixjax.models.gpt import GPTTiny, NNXGPTTiny
-from mixjax.models.linen import MODELS, LeNet5, LeNet300100, SmallCNN, create
+from mixjax.models.linen import LeNet5, LeNet300100, SmallCNN
 from mixjax.models.nnx import NNXClassifier, NNXLeNet5, NNXLeNet300100
+from mixjax.models.registry import MODELS, SIZES, TASKS, ModelInfo, create
 from mixjax.models.resnet import BasicBlock, NNXBasicBlock, NNXResNet20, ResNet20
 from mixjax.models.spec import LENET5, LENET300100, Spec, small_cnn_spec
 from mixjax.models.vit import NNXTransformerBlock, NNXViTTiny, TransformerBlock, ViTTiny
@@ -29,10 +31,13 @@ __all__ = [
     "LENET5",
     "LENET300100",
     "MODELS",
+    "SIZES",
+    "TASKS",
     "BasicBlock",
     "GPTTiny",
     "LeNet5",
     "LeNet300100",
+    "ModelInfo",
     "NNXBasicBlock",
     "NNXClassifier",
     "NNXGPTTiny",

@@ -21,7 +21,7 @@ import jax
 
 from mixjax.models.spec import LENET5, LENET300100, Spec, check_positive, pool, small_cnn_spec
 
-__all__ = ["MODELS", "LeNet5", "LeNet300100", "SmallCNN", "create"]
+__all__ = ["LeNet5", "LeNet300100", "SmallCNN"]
 
 
 class _Classifier(nn.Module):
@@ -80,17 +80,3 @@ class SmallCNN(_Classifier):
     @property
     def spec(self) -> Spec:
         return small_cnn_spec(self.width)
-
-
-MODELS = {"lenet300100": LeNet300100, "lenet5": LeNet5, "small_cnn": SmallCNN}
-
-
-def create(name: str, num_classes: int) -> nn.Module:
-    """The linen model called ``name`` (``"lenet300100"``, ``"lenet5"``, ``"small_cnn"``).
-
-    Raises:
-        ValueError: an unknown name (the message lists the valid ones) or ``num_classes < 1``.
-    """
-    if name not in MODELS:
-        raise ValueError(f"mixjax.models.create: unknown model {name!r}; valid: {sorted(MODELS)}")
-    return MODELS[name](num_classes=num_classes)

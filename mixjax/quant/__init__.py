@@ -1,20 +1,31 @@
 """Quantization: integer grids, weight fake-quantization (QAT, LSQ), activations and PTQ.
 
 * :mod:`~mixjax.quant.grids`: :class:`Grid`, scales and zero points (:func:`qparams`), the
-  straight-through op :func:`fake_quantize` and the exact maps :func:`quantize` /
-  :func:`dequantize` shared with :mod:`mixjax.export`;
-* :mod:`~mixjax.quant.weights`: :func:`fake_quant`, weights with scales from their range;
+  straight-through op :func:`fake_quantize`, the exact maps :func:`quantize` /
+  :func:`dequantize` shared with :mod:`mixjax.export`, and :func:`expand_scale` for compact
+  (group-wise) scales;
+* :mod:`~mixjax.quant.weights`: :func:`fake_quant`, weights with scales from their range (per
+  tensor, per output feature or group-wise; following the shared values of a clustering before
+  it in a chain);
 * :mod:`~mixjax.quant.learned`: :func:`lsq`, weights with learned step sizes;
-* :mod:`~mixjax.quant.activations`: :func:`activation_quant`, layer inputs of any linen model
-  (and NNX, through :func:`instrument`) with observed ranges;
+* :mod:`~mixjax.quant.activations`: :func:`activation_quant`, the inputs of every matmul and
+  convolution of a model's parameters (linen or NNX) with observed ranges, and
+  :func:`quantized_apply` for the training step;
 * :mod:`~mixjax.quant.observers`: min/max, EMA and percentile range observers;
 * :mod:`~mixjax.quant.ptq`: :func:`calibrate`, post-training activation ranges.
 """
 
-from mixjax.quant.activations import OUTPUT, ActivationQuant, activation_quant, instrument
+from mixjax.quant.activations import (
+    OUTPUT,
+    ActivationQuant,
+    QuantizedApply,
+    activation_quant,
+    quantized_apply,
+)
 from mixjax.quant.grids import (
     Grid,
     dequantize,
+    expand_scale,
     fake_quantize,
     grid,
     qparams,
@@ -40,18 +51,20 @@ __all__ = [
     "LsqState",
     "Observer",
     "ObserverState",
+    "QuantizedApply",
     "activation_quant",
     "calibrate",
     "dequantize",
     "ema_observer",
+    "expand_scale",
     "fake_quant",
     "fake_quantize",
     "grid",
-    "instrument",
     "lsq",
     "minmax_observer",
     "percentile_observer",
     "qparams",
     "quantize",
     "quantize_dequantize",
+    "quantized_apply",
 ]

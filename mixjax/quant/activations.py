@@ -1,63 +1,71 @@
-"""Activation fake-quantization of Dense/Conv inputs, without rewriting the model.
+"""Activation fake-quantization at every matmul and convolution of a model's parameters.
 
-:func:`activation_quant` returns an :class:`ActivationQuant` whose ``apply`` runs any model
-function and quantizes the input of every Dense/Conv layer it calls (and, with ``output=True``,
-the function's result), with ranges from an observer (:mod:`mixjax.quant.observers`) whose
-statistics are a plain dict pytree ``{layer path: ObserverState}``:
+:func:`activation_quant` returns an :class:`ActivationQuant` whose ``apply`` runs a model
+function ``fn(params, *args)`` and fake-quantizes the activation operand of every
+``dot_general`` / ``conv_general_dilated`` that consumes a parameter (and, with ``output=True``,
+the function's result). The layers are found in the model's jaxpr, not by module type
+(:mod:`mixjax._intercept`): linen ``Dense``, ``DenseGeneral`` (attention projections),
+``Conv``, ``Embed.attend`` (a tied decode), NNX ``Linear``, ``Einsum``, ``Conv``, or a
+hand-written ``x @ w``, alike. Each such *site* is named by the parameter's path
+(``"Dense_0/kernel"``, ``"layers/0/kernel"``; ``"embed/embedding@1"`` for a leaf's second use)
+and has one per-tensor range, an observer's statistics (:mod:`mixjax.quant.observers`); the
+state is the plain dict ``{site: ObserverState}``. Matmuls between two activations (attention
+scores) and table lookups are not quantized.
 
-* linen: ``nn.Dense`` and ``nn.Conv`` are intercepted with ``flax.linen.intercept_methods``
-  while ``apply`` runs; paths are the module paths (``"Conv_0"``, ``"block/Dense_1"``);
-* NNX: call :func:`instrument` once on the model; it gives every ``nnx.Linear`` and ``nnx.Conv``
-  a ``dot_general`` / ``conv_general_dilated`` hook that quantizes the input while an ``apply``
-  is running and is the plain op otherwise (paths like ``"layers/0"``).
-
-Modes of ``apply(fn, state, *args, mode=..., **kwargs) -> (fn's output, new state)``:
+Modes of ``apply(fn, state, params, *args, mode=...) -> (fn's output, new state)``:
 
 * ``"train"`` (QAT): each observer folds in the batch, then the input is fake-quantized with the
   updated range;
 * ``"eval"``: fake-quantize with the stored ranges; the state is returned unchanged;
 * ``"calibrate"`` (PTQ): observers fold in the batch, nothing is quantized (float forward).
 
-A layer whose observer has seen nothing yet (``count == 0``) is passed through unquantized.
+A site whose observer has seen nothing yet (``count == 0``) is passed through unquantized.
 Fake-quantization keeps NaN/Inf entries as they are (see :mod:`mixjax.quant.grids`). Everything is
-pure: ``apply`` traces ``fn`` once and returns the new statistics, so it runs inside ``jax.jit``
-and ``jax.grad`` (use ``has_aux`` for the state). ``fn`` must call the layers at the trace level
-of ``apply`` (no lifted ``nn.scan``/``nn.vmap`` around quantized layers).
+pure: ``apply`` evaluates ``fn``'s jaxpr at the caller's trace level and returns the new
+statistics, so it runs inside ``jax.jit`` and ``jax.grad`` (use ``has_aux`` for the state).
+Parameters consumed inside ``scan``/``while``/``cond`` or a custom derivative rule cannot be
+reached; ``init`` warns naming them.
+
+:func:`quantized_apply` wraps a training-step model (:class:`mixjax.train.ApplyFn`) so the
+observers live in the model state beside the model's own (batch statistics).
 """
 
 from __future__ import annotations
 
-import contextvars
-import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
-from flax import nnx
 
-from mixjax import _checks, select
+from mixjax import _checks, _intercept, select
 from mixjax.quant import observers
 from mixjax.quant.grids import STE_RULES, Grid, fake_quantize, grid, qparams
 
-__all__ = ["MODES", "OUTPUT", "ActivationQuant", "activation_quant", "instrument"]
+__all__ = [
+    "MODES",
+    "OUTPUT",
+    "ActivationQuant",
+    "QuantizedApply",
+    "activation_quant",
+    "quantized_apply",
+    "output_array",
+    "quantized_operand",
+]
 
 OUTPUT = "__output__"
 MODES = ("train", "eval", "calibrate")
-
-_ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
-    "mixjax_activations", default=None
-)
+_NAME = "mixjax.quant.activation_quant"
 
 
 class ActivationQuant(NamedTuple):
-    """Activation quantizer from :func:`fake_quant`.
+    """Activation quantizer from :func:`activation_quant`.
 
     Attributes:
-      init: ``(fn, *args, **kwargs) -> {path: ObserverState}``: traces ``fn`` abstractly to find
-        the quantized layers; every observer starts empty.
-      apply: ``(fn, state, *args, mode="eval", **kwargs) -> (out, state)`` (module docstring).
-      qparams: ``ObserverState -> (scale, zero_point)``: float32 scalars of a layer's grid.
+      init: ``(fn, params, *args) -> {site: ObserverState}``: traces ``fn(params, *args)``
+        abstractly to find the quantized sites; every observer starts empty.
+      apply: ``(fn, state, params, *args, mode="eval") -> (out, state)`` (module docstring).
+      qparams: ``ObserverState -> (scale, zero_point)``: float32 scalars of a site's grid.
       grid: the integer grid (:class:`mixjax.quant.Grid`).
     """
 
@@ -67,92 +75,55 @@ class ActivationQuant(NamedTuple):
     grid: Grid
 
 
+def quantized_operand(site: _intercept.Site, invals: list[Any]) -> int | None:
+    """The index of the activation operand of a matmul/conv site when it is a float array
+    (the one activation quantization quantizes), else ``None`` (lookups, integer inputs)."""
+    if site.kind == "embedding":
+        return None
+    k = 1 - site.weight
+    return k if select.is_floating(invals[k]) else None
+
+
 class _Session:
-    """What the hooks see while one ``apply`` (or ``init``) traces the model."""
+    """The rewrite of one ``init`` (``mode == "discover"``) or ``apply``."""
 
     def __init__(self, mode, state, quantize, observer, selector):
         self.mode, self.state, self.quantize = mode, state, quantize
         self.observer, self.selector = observer, selector
         self.found: list[str] = []
 
-    def __call__(self, path: str, x: jax.Array) -> jax.Array:
+    def __call__(self, site: _intercept.Site, invals: list[Any]) -> list[Any] | None:
+        k = quantized_operand(site, invals)
+        if k is None:
+            return None
+        x = self.observe(site.name, invals[k])
+        if x is invals[k]:
+            return None
+        return _intercept.bind(site.eqn, [*invals[:k], x, *invals[k + 1 :]])
+
+    def observe(self, name: str, x: jax.Array) -> jax.Array:
         if self.mode == "discover":
-            if self.selector(path, x) and path not in self.found:
-                self.found.append(path)
+            if self.selector(name, x) and name not in self.found:
+                self.found.append(name)
             return x
-        if path not in self.state:
-            if not self.selector(path, x):
+        if name not in self.state:
+            if not self.selector(name, x):
                 return x
             raise ValueError(
-                f"mixjax.quant.activation_quant: layer {path!r} has no observer state (the state "
-                f"has {sorted(self.state)}); was it made by init on this model?"
+                f"{_NAME}: site {name!r} has no observer state (the state has "
+                f"{sorted(self.state)}); was it made by init on this model?"
             )
-        obs = self.state[path]
+        obs = self.state[name]
         if self.mode in ("train", "calibrate"):
             obs = self.observer.update(obs, x)
-            self.state[path] = obs
+            self.state[name] = obs
         return x if self.mode == "calibrate" else self.quantize(x, obs)
 
 
-def _interceptor(next_fun, args, kwargs, context):
-    session = _ACTIVE.get()
-    module = context.module
-    if (
-        session is None
-        or context.method_name != "__call__"
-        or not isinstance(module, (nn.Dense, nn.Conv))
-        or not args
-    ):
-        return next_fun(*args, **kwargs)
-    return next_fun(session("/".join(module.path), args[0]), *args[1:], **kwargs)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Hook:
-    """An NNX layer's ``dot_general`` / ``conv_general_dilated`` that quantizes its input."""
-
-    path: str
-    inner: Callable[..., Any]
-
-    def __call__(self, lhs, rhs, *args, **kwargs):
-        session = _ACTIVE.get()
-        if session is not None:
-            lhs = session(self.path, lhs)
-        return self.inner(lhs, rhs, *args, **kwargs)
-
-
-def instrument(model: nnx.Module) -> nnx.Module:
-    """Gives every ``nnx.Linear`` / ``nnx.Conv`` in ``model`` an input-quantization hook.
-
-    Mutates ``model`` in place (idempotent) and returns it. Outside :class:`ActivationQuant`'s
-    ``apply`` the hooks call the layer's own op unchanged, so the model computes what it did.
-
-    Raises:
-      TypeError: ``model`` is not an ``nnx.Module``, or a Linear uses ``dot_general_cls``.
-    """
-    name = "mixjax.quant.instrument"
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"{name}: model must be an nnx.Module, got {type(model).__name__}")
-    for keys, node in nnx.iter_graph(model):
-        path = "/".join(str(k) for k in keys)
-        if isinstance(node, nnx.Linear):
-            if getattr(node, "dot_general_cls", None) is not None:
-                raise TypeError(f"{name}: Linear {path!r} uses dot_general_cls; cannot hook it")
-            if not isinstance(node.dot_general, _Hook):
-                node.dot_general = _Hook(path, node.dot_general or jax.lax.dot_general)
-        elif isinstance(node, nnx.Conv) and not isinstance(node.conv_general_dilated, _Hook):
-            node.conv_general_dilated = _Hook(path, node.conv_general_dilated)
-    return model
-
-
-def _run(session: _Session, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    token = _ACTIVE.set(session)
-    try:
-        with nn.intercept_methods(_interceptor):
-            out = fn(*args, **kwargs)
-    finally:
-        _ACTIVE.reset(token)
-    return out
+def output_array(out: Any) -> jax.Array:
+    """The array ``output=True`` quantizes: ``out`` itself, or its first element when ``fn``
+    returns ``(logits, model_state)`` as a training-step model does."""
+    return out[0] if isinstance(out, tuple) and out else out
 
 
 def activation_quant(
@@ -165,7 +136,7 @@ def activation_quant(
     where: select.Where = None,
     output: bool = False,
 ) -> ActivationQuant:
-    """Fake-quantizes the inputs of a model's Dense/Conv layers (see the module docstring).
+    """Fake-quantizes the inputs of a model's matmuls and convolutions (module docstring).
 
     Args:
       bits: grid width, 2 to 16 (8 at most for integer inference, :mod:`mixjax.export`).
@@ -173,67 +144,121 @@ def activation_quant(
       symmetric: zero point 0; default asymmetric (an integer zero point, TFMOT's default).
       narrow_range: ``[-qmax, qmax]`` grid instead of ``[-qmax - 1, qmax]``.
       ste: ``"clipped"`` (no gradient beyond the range) or ``"identity"``.
-      where: which layers: ``None`` (all), a regex on the layer path, or a predicate
-        ``(path, x) -> bool`` given the layer's input (as in :mod:`mixjax.select`).
-      output: also quantize ``fn``'s result (an array), under the key ``"__output__"``.
+      where: which sites: ``None`` (all), a regex on the site name, or a predicate
+        ``(name, x) -> bool`` given the site's input (as in :mod:`mixjax.select`).
+      output: also quantize ``fn``'s result (an array, or the first element of a tuple), under
+        the key ``"__output__"``.
 
     Example::
 
         act = mixjax.quant.activation_quant(8)
-        act_state = act.init(lambda x: model.apply(variables, x), x)
-        logits, act_state = act.apply(lambda x: model.apply(variables, x), act_state, x,
-                                      mode="train")
+        fn = lambda p, x: model.apply({"params": p}, x)
+        act_state = act.init(fn, params, x)
+        logits, act_state = act.apply(fn, act_state, params, x, mode="train")
 
     Raises:
       TypeError / ValueError: bad ``bits``, ``ste``, ``observer`` or ``where``.
     """
-    name = "mixjax.quant.activation_quant"
-    g = grid(bits, narrow_range=narrow_range, fn_name=name)
-    _checks.choice(name, "ste", ste, STE_RULES)
-    symmetric = _checks.boolean(name, "symmetric", symmetric)
-    output = _checks.boolean(name, "output", output)
+    g = grid(bits, narrow_range=narrow_range, fn_name=_NAME)
+    _checks.choice(_NAME, "ste", ste, STE_RULES)
+    symmetric = _checks.boolean(_NAME, "symmetric", symmetric)
+    output = _checks.boolean(_NAME, "output", output)
     if observer is None:
         observer = observers.ema_observer(0.99)
-    _checks.instance(name, "observer", observer, observers.Observer, "a mixjax.quant.Observer")
-    selector = (lambda path, x: True) if where is None else select.as_selector(where)
+    _checks.instance(_NAME, "observer", observer, observers.Observer, "a mixjax.quant.Observer")
+    selector = (lambda name, x: True) if where is None else select.as_selector(where)
 
-    def layer_qparams(obs):
+    def site_qparams(obs):
         return qparams(obs.min, obs.max, g, symmetric=symmetric)
 
     def quantize(x, obs):
-        scale, zero_point = layer_qparams(obs)
+        scale, zero_point = site_qparams(obs)
         y = fake_quantize(x, scale, zero_point, g, ste=ste)
         return jax.numpy.where(obs.count > 0, y, x)
 
-    def init_fn(fn, *args, **kwargs):
+    def init_fn(fn, params, *args):
         session = _Session("discover", None, quantize, observer, selector)
-        jax.eval_shape(lambda a, k: _run(session, fn, a, k), args, kwargs)
-        paths = session.found + ([OUTPUT] if output else [])
+        hidden = {}
+
+        def trace():
+            hidden.update(_intercept.run(fn, params, args, session, fn_name=_NAME).hidden)
+
+        jax.eval_shape(trace)
+        if hidden:
+            warnings.warn(
+                f"{_NAME}: the inputs of these parameters' matmuls are not quantized: {hidden}",
+                stacklevel=2,
+            )
         if not session.found:
             raise ValueError(
-                f"{name}: init found no Dense/Conv layer to quantize (where={where!r}); for an "
-                "NNX model call mixjax.quant.instrument(model) first"
+                f"{_NAME}: init found no matmul or convolution of a parameter to quantize "
+                f"(where={where!r})"
             )
-        return {path: observer.init() for path in paths}
+        return {name: observer.init() for name in session.found + ([OUTPUT] if output else [])}
 
-    def apply_fn(fn, state, *args, mode="eval", **kwargs):
+    def apply_fn(fn, state, params, *args, mode="eval"):
         if mode not in MODES:
-            raise ValueError(f"{name}: mode must be one of {MODES}, got mode={mode!r}")
+            raise ValueError(f"{_NAME}: mode must be one of {MODES}, got mode={mode!r}")
         if not isinstance(state, dict):
             raise TypeError(
-                f"{name}: state must be the dict made by init, got {type(state).__name__}"
+                f"{_NAME}: state must be the dict made by init, got {type(state).__name__}"
             )
         session = _Session(mode, dict(state), quantize, observer, selector)
-        out = _run(session, fn, args, kwargs)
+        out = _intercept.run(fn, params, args, session, fn_name=_NAME).out
         if output:
             if OUTPUT not in state:
-                raise ValueError(f"{name}: output=True but the state has no {OUTPUT!r} entry")
-            if not select.is_floating(out):
+                raise ValueError(f"{_NAME}: output=True but the state has no {OUTPUT!r} entry")
+            result = output_array(out)
+            if not select.is_floating(result):
                 raise TypeError(
-                    f"{name}: output=True needs fn to return a float array, got "
-                    f"{type(out).__name__}"
+                    f"{_NAME}: output=True needs fn to return a float array, got "
+                    f"{type(result).__name__}"
                 )
-            out = session(OUTPUT, out)
+            quantized = session.observe(OUTPUT, result)
+            out = (quantized, *out[1:]) if result is not out else quantized
         return out, session.state
 
-    return ActivationQuant(init_fn, apply_fn, layer_qparams, g)
+    return ActivationQuant(init_fn, apply_fn, site_qparams, g)
+
+
+class QuantizedApply(NamedTuple):
+    """A training-step model with activation quantization, from :func:`quantized_apply`.
+
+    Attributes:
+      init: ``(params, model_state, x, *, key=None) -> model_state'``, where ``model_state' =
+        {"act": observer state, "model": model_state}``.
+      apply: the :class:`mixjax.train.ApplyFn` taking and returning ``model_state'``; observers
+        update in training (``mode="train"``) and are read in evaluation (``"eval"``).
+    """
+
+    init: Callable[..., dict[str, Any]]
+    apply: Callable[..., tuple[jax.Array, dict[str, Any]]]
+
+
+def quantized_apply(apply_fn: Callable[..., Any], act: ActivationQuant) -> QuantizedApply:
+    """Activation quantization around a training-step model, its state kept beside the model's.
+
+    ``apply_fn(params, model_state, x, *, train, key) -> (logits, model_state)`` is the model
+    (:func:`mixjax.train.linen_apply`, :func:`mixjax.train.nnx_apply`); the result's model state
+    is ``{"act": {site: ObserverState}, "model": model_state}``, so batch statistics and
+    observers both survive the step. Example::
+
+        act = mixjax.quant.activation_quant(8)
+        qat = mixjax.quant.quantized_apply(mixjax.train.linen_apply(module), act)
+        model_state = qat.init(params, {"batch_stats": stats}, x)
+        step = mixjax.train.make_train_step(qat.apply, tx)
+    """
+    _checks.instance(_NAME, "act", act, ActivationQuant, "a mixjax.quant.ActivationQuant")
+
+    def init(params, model_state, x, *, key=None):
+        key = jax.random.key(0) if key is None else key
+        fn = lambda p, x: apply_fn(p, model_state, x, train=False, key=key)  # noqa: E731
+        return {"act": act.init(fn, params, x), "model": model_state}
+
+    def apply(params, model_state, x, *, train, key):
+        fn = lambda p, x: apply_fn(p, model_state["model"], x, train=train, key=key)  # noqa: E731
+        mode = "train" if train else "eval"
+        (logits, inner), act_state = act.apply(fn, model_state["act"], params, x, mode=mode)
+        return logits, {"act": act_state, "model": inner}
+
+    return QuantizedApply(init, apply)

@@ -12,6 +12,12 @@ Conventions (shared by :mod:`mixjax.quant.weights`, :mod:`mixjax.quant.learned`,
   integer ``zero_point`` and back to exactly ``0.0``: pruned zeros stay zero.
 * Rounding is ``jnp.round`` (half to even). Scales are float32, clamped to at least
   ``finfo(float32).tiny``; a range of width zero (an all-zero or empty channel) gets scale 1.
+* Scales are *block broadcasts* of the tensor they scale: each scale axis has size 1 (one
+  scale along the whole axis), the tensor's size (one per entry), or a proper divisor ``d`` of
+  the tensor's size ``n`` (one per group of ``n / d`` consecutive entries: group-wise scales,
+  e.g. ``(n_in / 32, C)`` for int4 groups of 32 along the input axis of an ``(n_in, C)`` kernel).
+  They are stored in that compact shape and expanded by :func:`expand_scale` where they meet
+  the tensor.
 * Non-finite inputs: scale statistics ignore NaN/Inf entries, and :func:`fake_quantize` returns
   such entries unchanged (NaN stays NaN, so it shows in the loss instead of being clipped into a
   plausible number).
@@ -34,7 +40,7 @@ code and ``round(u)`` standing for ``round(x * (1/scale)) + zero_point``:
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +54,7 @@ __all__ = [
     "TINY",
     "Grid",
     "dequantize",
+    "expand_scale",
     "fake_quantize",
     "grid",
     "qparams",
@@ -61,23 +68,95 @@ SCALE_RULES = ("absmax", "minmax")
 
 
 class Grid(NamedTuple):
-    """An integer quantization grid ``[qmin, qmax]`` of ``bits`` bits (Python ints)."""
+    """An integer quantization grid ``[qmin, qmax]`` of ``bits`` bits: Python ints, or int32
+    scalars traced together when ``bits`` is traced (a bit-width sweep under ``jax.vmap``)."""
 
-    bits: int
-    qmin: int
-    qmax: int
+    bits: int | jax.Array
+    qmin: int | jax.Array
+    qmax: int | jax.Array
 
 
-def grid(bits: int, *, narrow_range: bool = False, fn_name: str = "mixjax.quant.grid") -> Grid:
+def grid(
+    bits: int | jax.Array, *, narrow_range: bool = False, fn_name: str = "mixjax.quant.grid"
+) -> Grid:
     """The ``bits``-bit signed grid (see the module docstring).
 
+    ``bits`` may be a *traced* integer scalar, so ``jax.vmap`` over bit widths trains several
+    quantized models in one program (fake quantization only: exporting needs concrete bits);
+    it cannot be range-checked then, and values outside ``[2, 16]`` are clipped into it.
+
     Raises:
-      TypeError: ``bits`` is not an integer.
+      TypeError: ``bits`` is not an integer (nor a traced integer scalar).
       ValueError: ``bits`` outside ``[2, 16]``.
     """
+    if isinstance(bits, jax.core.Tracer):
+        if bits.shape != () or not jnp.issubdtype(bits.dtype, jnp.integer):
+            raise TypeError(
+                f"{fn_name}: a traced bits must be an integer scalar, got {bits.dtype}{bits.shape}"
+            )
+        width = jnp.clip(bits.astype(jnp.int32), 2, 16)
+        qmax = jnp.left_shift(jnp.int32(1), width - 1) - 1
+        return Grid(width, -qmax if narrow_range else -qmax - 1, qmax)
     bits = _checks.integer(fn_name, "bits", bits, 2, 16)
     qmax = 2 ** (bits - 1) - 1
     return Grid(bits, -qmax if narrow_range else -qmax - 1, qmax)
+
+
+def _reciprocal(n: int | jax.Array) -> Any:
+    """``1 / n`` in float32: rounded once from float64 for a Python int, divided in float32 for
+    a traced one (the same value: ``1 / n`` never lies on a float32 rounding tie)."""
+    if isinstance(n, jax.Array):
+        return jnp.float32(1) / n.astype(jnp.float32)
+    return np.float32(1 / n)
+
+
+def expand_scale(scale: Any, shape: tuple[int, ...]) -> Any:
+    """A block-broadcast scale (module docstring) expanded to broadcast against ``shape``.
+
+    Each axis of ``scale`` whose size is a proper divisor ``d`` of the tensor's ``n`` is
+    repeated ``n / d`` times entry by entry (by reshape and broadcast, so it jits and
+    differentiates: the gradient of an expanded scale sums back over its group); axes of size 1
+    stay 1 (broadcast), full axes stay. A scale of fewer axes is aligned to the trailing axes of
+    ``shape`` as in NumPy broadcasting; ``()`` is returned as it is.
+
+    Args:
+      scale: NumPy or JAX array (or a Python number): a scale, a zero point or any other
+        per-block quantity.
+      shape: the tensor's shape.
+
+    Returns:
+      An array of the same library (NumPy for NumPy or Python input, JAX for JAX arrays and
+      tracers) that broadcasts against ``shape``: ``()`` or ``len(shape)`` axes.
+
+    Raises:
+      ValueError: ``scale`` has more axes than ``shape``, or an axis that is neither 1, the
+        tensor's size nor a proper divisor of it; the message names both shapes and the axis.
+    """
+    xp = jnp if isinstance(scale, jax.Array) else np
+    scale = scale if xp is jnp else np.asarray(scale)
+    shape = tuple(int(n) for n in shape)
+    if scale.ndim == 0:
+        return scale
+    if scale.ndim > len(shape):
+        raise ValueError(
+            f"mixjax.quant.expand_scale: a scale of shape {scale.shape} has more axes than the "
+            f"tensor {shape} it scales"
+        )
+    padded = (1,) * (len(shape) - scale.ndim) + tuple(scale.shape)
+    out = scale.reshape(padded)
+    for axis, (d, n) in enumerate(zip(padded, shape, strict=True)):
+        if d in (1, n):
+            continue
+        if not 1 < d < n or n % d:
+            raise ValueError(
+                f"mixjax.quant.expand_scale: a scale of shape {tuple(scale.shape)} does not "
+                f"block-broadcast against {shape}: axis {axis} has {d} entries, neither 1, {n} "
+                f"nor a divisor of {n} (one scale per group of consecutive entries)"
+            )
+        lead, trail = out.shape[: axis + 1], out.shape[axis + 1 :]
+        grouped = xp.broadcast_to(out.reshape(*lead, 1, *trail), (*lead, n // d, *trail))
+        out = grouped.reshape(*out.shape[:axis], n, *trail)
+    return out
 
 
 def qparams(
@@ -108,12 +187,12 @@ def qparams(
     lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
     hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
     if symmetric and scale == "absmax":
-        s = jnp.maximum(-lo, hi) * np.float32(1 / g.qmax)
+        s = jnp.maximum(-lo, hi) * _reciprocal(g.qmax)
     elif symmetric:
-        s = jnp.maximum(hi * np.float32(1 / g.qmax), lo * np.float32(1 / g.qmin))
+        s = jnp.maximum(hi * _reciprocal(g.qmax), lo * _reciprocal(g.qmin))
     else:
         # Halves are exact (so an FMA cannot change the difference) and cannot overflow.
-        s = (hi * 0.5 - lo * 0.5) * np.float32(2 / (g.qmax - g.qmin))
+        s = (hi * 0.5 - lo * 0.5) * (2 * _reciprocal(g.qmax - g.qmin))
     s = jnp.where(s > 0, jnp.maximum(s, TINY), 1.0)
     if symmetric:
         z = jnp.zeros_like(s)
@@ -166,30 +245,32 @@ def _sum_to(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.sum(t, axis=axes, keepdims=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fake_quantize(x, scale, zero_point, g, clipped, grad_scale):
-    return quantize_dequantize(x, scale, zero_point, g)
+# The grid's bounds are operands (not static arguments) so a traced bit width can reach them.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _fake_quantize(x, scale, zero_point, bits, qmin, qmax, clipped, grad_scale):
+    return quantize_dequantize(x, scale, zero_point, Grid(bits, qmin, qmax))
 
 
-def _fake_quantize_fwd(x, scale, zero_point, g, clipped, grad_scale):
-    return _fake_quantize(x, scale, zero_point, g, clipped, grad_scale), (x, scale, zero_point)
+def _fake_quantize_fwd(x, scale, zero_point, bits, qmin, qmax, clipped, grad_scale):
+    out = _fake_quantize(x, scale, zero_point, bits, qmin, qmax, clipped, grad_scale)
+    return out, (x, scale, zero_point, qmin, qmax)
 
 
-def _fake_quantize_bwd(g, clipped, grad_scale, residuals, dy):
-    x, scale, zero_point = residuals
+def _fake_quantize_bwd(clipped, grad_scale, residuals, dy):
+    x, scale, zero_point, qmin, qmax = residuals
     scaled = _scaled(x, scale)
     u, r = scaled + zero_point, jnp.round(scaled) + zero_point
-    dx = jnp.where((r >= g.qmin) & (r <= g.qmax), dy, jnp.zeros_like(dy)) if clipped else dy
+    dx = jnp.where((r >= qmin) & (r <= qmax), dy, jnp.zeros_like(dy)) if clipped else dy
     if grad_scale:
         per_entry = jnp.where(
-            r < g.qmin, g.qmin - zero_point, jnp.where(r > g.qmax, g.qmax - zero_point, r - u)
+            r < qmin, qmin - zero_point, jnp.where(r > qmax, qmax - zero_point, r - u)
         )
         per_entry = jnp.where(jnp.isfinite(u), per_entry, 0.0)
         dscale = _sum_to(dy.astype(jnp.float32) * per_entry, jnp.shape(scale)) * grad_scale
         dscale = dscale.astype(jnp.result_type(scale))
     else:
         dscale = jnp.zeros_like(scale)
-    return dx.astype(x.dtype), dscale, jnp.zeros_like(zero_point)
+    return dx.astype(x.dtype), dscale, jnp.zeros_like(zero_point), None, None, None
 
 
 _fake_quantize.defvjp(_fake_quantize_fwd, _fake_quantize_bwd)
@@ -208,7 +289,8 @@ def fake_quantize(
 
     Args:
       x: float array.
-      scale: float32 array broadcasting against ``x`` (``()`` or keepdims-shaped).
+      scale: float32 array, a block broadcast of ``x`` (``()``, keepdims-shaped, or compact
+        group-wise: :func:`expand_scale`); with ``grad_scale`` its gradient has its shape.
       zero_point: integer-valued float32 array of ``scale``'s shape.
       g: the integer grid.
       ste: ``"clipped"`` or ``"identity"``.
@@ -218,11 +300,12 @@ def fake_quantize(
       ``dequantize(quantize(x))`` with ``x``'s shape and dtype; non-finite entries unchanged.
     """
     _checks.choice("mixjax.quant.fake_quantize", "ste", ste, STE_RULES)
+    shape = jnp.shape(x)
     return _fake_quantize(
         x,
-        jnp.asarray(scale, jnp.float32),
-        jnp.asarray(zero_point, jnp.float32),
-        g,
+        expand_scale(jnp.asarray(scale, jnp.float32), shape),
+        expand_scale(jnp.asarray(zero_point, jnp.float32), shape),
+        *g,
         ste == "clipped",
         float(grad_scale),
     )

@@ -24,7 +24,13 @@ from mixjax import _checks, select
 from mixjax import layout as layout_lib
 from mixjax.core import ParamTransform, never
 from mixjax.quant.grids import STE_RULES, TINY, Grid, fake_quantize, grid
-from mixjax.quant.weights import check_scales, reduce_axes, selected_weights
+from mixjax.quant.weights import (
+    ScaleBlocks,
+    block_reduce,
+    check_group_size,
+    check_scales,
+    selected_weights,
+)
 
 __all__ = ["LsqState", "lsq"]
 
@@ -33,21 +39,22 @@ class LsqState(NamedTuple):
     """State of :func:`lsq`.
 
     Attributes:
-      scale: mirror tree (``None`` at unselected leaves): float32 ``(1, ..., 1, C)`` per output
-        channel or ``()`` per tensor, the learned step sizes (a learned field: see
-        :func:`mixjax.learned_state`).
+      scale: mirror tree (``None`` at unselected leaves): float32 of the leaf's
+        :meth:`mixjax.quant.weights.ScaleBlocks.shape` (``(1, ..., 1, C)`` per output channel,
+        the leaf's shape with ``n / g`` on the group axis for ``group_size=g``, ``()`` per
+        tensor or for leaves clustered per tensor before it in a chain), the learned step
+        sizes (a learned field: see :func:`mixjax.learned_state`).
     """
 
     scale: Any
     LEARNED = ("scale",)
 
 
-def _initial_scale(x: jax.Array, per_channel: bool, g: Grid, layout: Any) -> jax.Array:
+def _initial_scale(x: jax.Array, shape: tuple[int, ...], g: Grid) -> jax.Array:
     x = jnp.asarray(x, jnp.float32)
     finite = jnp.isfinite(x)
-    axes = reduce_axes(x, per_channel, layout)
-    count = jnp.maximum(jnp.sum(finite, axis=axes, keepdims=per_channel), 1)
-    mean_abs = jnp.sum(jnp.where(finite, jnp.abs(x), 0.0), axis=axes, keepdims=per_channel) / count
+    count = jnp.maximum(block_reduce(finite, shape, jnp.sum), 1)
+    mean_abs = block_reduce(jnp.where(finite, jnp.abs(x), 0.0), shape, jnp.sum) / count
     s = 2.0 * mean_abs / np.sqrt(g.qmax)
     return jnp.where(s > 0, jnp.maximum(s, TINY), 1.0)
 
@@ -56,6 +63,7 @@ def lsq(
     bits: int = 8,
     *,
     per_channel: bool = True,
+    group_size: int | None = None,
     narrow_range: bool = True,
     ste: str = "clipped",
     where: select.Where = None,
@@ -63,10 +71,16 @@ def lsq(
 ) -> ParamTransform:
     """Weight fake-quantization with learned symmetric step sizes (see the module docstring).
 
+    Step sizes go where :func:`mixjax.quant.fake_quant` puts its scales, group-wise ones and
+    those coarsened to shared values in a chain after clustering included
+    (:mod:`mixjax.quant.weights`).
+
     Args:
       bits: grid width, 2 to 16.
       per_channel: one step size per output feature (a kernel's last axis, or with ``layouts``
         all its output axes); else per tensor.
+      group_size: one step size per ``g`` consecutive entries along the group axis, as
+        :func:`mixjax.quant.fake_quant` (needs ``per_channel``).
       narrow_range: use ``[-qmax, qmax]`` instead of ``[-qmax - 1, qmax]``.
       ste: ``"clipped"`` or ``"identity"`` straight-through gradient for the weights.
       where: which leaves to quantize (:mod:`mixjax.select`); default as
@@ -79,34 +93,47 @@ def lsq(
       the identity (``due`` is :func:`mixjax.never`).
 
     Raises:
-      TypeError / ValueError (here): bad ``bits`` or ``ste``.
+      TypeError / ValueError (here): bad ``bits``, ``ste`` or ``group_size``.
       ValueError (in ``init``): as :func:`mixjax.quant.fake_quant`.
     """
     name = "mixjax.quant.lsq"
-    g = grid(bits, narrow_range=narrow_range, fn_name=name)
+    # Concrete bits only: the step-size init and LSQ's gradient scale are host constants of qmax
+    # (a traced bit-width sweep is fake_quant's).
+    g = grid(_checks.integer(name, "bits", bits, 2, 16), narrow_range=narrow_range, fn_name=name)
     _checks.choice(name, "ste", ste, STE_RULES)
     per_channel = _checks.boolean(name, "per_channel", per_channel)
+    group_size = check_group_size(name, group_size, per_channel)
 
-    def init_fn(params):
-        found = layout_lib.by_path(name, params, layouts)
-        chosen = selected_weights(name, params, where, per_channel, found)
-        scales = select.mirror(
-            lambda p, x: _initial_scale(x, per_channel, g, (found or {}).get(p)), params, chosen
+    def build(blocks: ScaleBlocks) -> ParamTransform:
+        def init_fn(params):
+            found = layout_lib.by_path(name, params, layouts)
+            chosen = selected_weights(name, params, where, per_channel, found, group_size)
+            scales = select.mirror(
+                lambda p, x: _initial_scale(x, blocks.shape(p, x, (found or {}).get(p)), g),
+                params,
+                chosen,
+            )
+            return LsqState(scales)
+
+        def apply_fn(params, state):
+            _checks.instance(name, "state", state, LsqState, "an LsqState")
+            found = layout_lib.by_path(name, params, layouts)
+            check_scales(name, params, state.scale, blocks, found)
+
+            def leaf(x, s):
+                if s is None:
+                    return x
+                n = x.size // max(int(np.prod(jnp.shape(s))), 1)  # weights sharing a step size
+                return fake_quantize(x, s, 0.0, g, ste=ste, grad_scale=1.0 / np.sqrt(n * g.qmax))
+
+            return jax.tree.map(leaf, params, state.scale)
+
+        return ParamTransform(
+            init_fn,
+            apply_fn,
+            lambda params, state, step, **extra: state,
+            due=never,
+            adapt=lambda shared: build(blocks._replace(shared=dict(shared))),
         )
-        return LsqState(scales)
 
-    def apply_fn(params, state):
-        _checks.instance(name, "state", state, LsqState, "an LsqState")
-        check_scales(
-            name, params, state.scale, per_channel, layout_lib.by_path(name, params, layouts)
-        )
-
-        def leaf(x, s):
-            if s is None:
-                return x
-            n = x.size // max(int(np.prod(jnp.shape(s))), 1)
-            return fake_quantize(x, s, 0.0, g, ste=ste, grad_scale=1.0 / np.sqrt(n * g.qmax))
-
-        return jax.tree.map(leaf, params, state.scale)
-
-    return ParamTransform(init_fn, apply_fn, lambda params, state, step, **extra: state, due=never)
+    return build(ScaleBlocks(per_channel, group_size))

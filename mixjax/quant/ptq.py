@@ -17,6 +17,7 @@ __all__ = ["calibrate"]
 def calibrate(
     act: ActivationQuant,
     fn: Callable[..., Any],
+    params: Any,
     state: dict[str, ObserverState],
     batches: Iterable[Any],
     *,
@@ -26,9 +27,10 @@ def calibrate(
 
     Args:
       act: the activation quantizer.
-      fn: the model function (closing over fixed parameters).
+      fn: the model, ``fn(params, *args)`` (as for ``act.init``).
+      params: its fixed parameters.
       state: the observer state (from ``act.init`` or an earlier calibration).
-      batches: iterable of ``fn``'s positional arguments: an array or a tuple of arrays.
+      batches: iterable of ``fn``'s inputs after ``params``: an array or a tuple of arrays.
       num_batches: stop after this many batches (default: all).
 
     Returns:
@@ -40,7 +42,7 @@ def calibrate(
     name = "mixjax.quant.calibrate"
     _checks.instance(name, "act", act, ActivationQuant, "an ActivationQuant")
     num_batches = _checks.integer(name, "num_batches", num_batches, 1, optional=True)
-    step = jax.jit(lambda st, args: act.apply(fn, st, *args, mode="calibrate")[1])
+    step = jax.jit(lambda st, args: act.apply(fn, st, params, *args, mode="calibrate")[1])
     seen = 0
     for batch in batches:
         if num_batches is not None and seen >= num_batches:

@@ -3,18 +3,39 @@
 ``apply`` quantizes and dequantizes each selected leaf on its grid (:mod:`mixjax.quant.grids`)
 with a straight-through gradient; the scales (and zero points) are statistics of the weights,
 computed by ``init`` and refreshed by ``update``. :func:`mixjax.quant.lsq` is the variant whose
-scales are learned instead. The helpers here (per-channel axes, the checks of a selected leaf
-and of a state's scales) serve both.
+scales are learned instead. The helpers here (where a leaf's scales go, the checks of a selected
+leaf and of a state's scales) serve both.
 
-Per channel means per output feature. Without layouts that is the last axis of a kernel (the
-rank convention of linen ``Dense``/``Conv``), so a leaf ``(..., C)`` has scales of shape ``(1,
-..., 1, C)``; with ``layouts=`` (:func:`mixjax.layout.learn`) it is every output axis of the
-leaf: a linen query kernel ``(embed, heads, head_dim)`` gets scales ``(1, heads, head_dim)``, one
-per output feature of every head. Per tensor, ``()``.
+Where the scales go (:func:`scale_shape`, a block broadcast of the leaf:
+:func:`mixjax.quant.grids.expand_scale`):
+
+* per channel means per output feature. Without layouts that is the last axis of a kernel (the
+  rank convention of linen ``Dense``/``Conv``), so a leaf ``(..., C)`` has scales of shape
+  ``(1, ..., 1, C)``; with ``layouts=`` (:func:`mixjax.layout.learn`) it is every output axis of
+  the leaf: a linen query kernel ``(embed, heads, head_dim)`` gets scales ``(1, heads,
+  head_dim)``, one per output feature of every head. Per tensor, ``()``;
+* group-wise (``group_size=g``, GPTQ-style int4 groups): one scale per ``g`` consecutive
+  entries along the :func:`group_axis` (the last of the layout's contraction axes, the innermost
+  one of the flattened contraction; without layouts axis ``-2``, the ``in`` of ``(..., in,
+  out)``), so per output feature and per group of the flattened contraction, stored compactly:
+  the leaf's shape with ``n / g`` on that axis. A Dense kernel ``(n, C)`` gets ``(n / g, C)``,
+  an attention output kernel ``(heads, head_dim, embed)`` with layouts ``(heads, head_dim / g,
+  embed)`` (a group never spans two heads), a Conv kernel ``(h, w, in, C)`` ``(h, w, in / g,
+  C)``: every scale covers exactly ``g`` weights, whatever the kernel's rank;
+* after clustering (:meth:`ScaleBlocks.shape`): in :func:`mixjax.chain`, a leaf whose input view
+  shares values on blocks (:attr:`mixjax.ParamTransform.shares`, e.g. ``share.cluster(16)``:
+  one block per tensor, or per output feature with ``per_channel=True``) gets scales on the
+  coarsest blocks that contain both its own and the shared ones (per axis, the gcd of the two
+  block shapes' sizes): every member of a shared block then has the same scale, so equal values
+  stay equal and a 16-cluster kernel keeps at most 16 values (per block), all on the integer
+  grid. Clustered per tensor, such a leaf has one scale ``()`` even with ``per_channel=True``;
+  clustered per output feature, the per-channel shape (group-wise scales coarsen to it).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -29,9 +50,12 @@ from mixjax.quant.grids import SCALE_RULES, STE_RULES, fake_quantize, grid, qpar
 
 __all__ = [
     "FakeQuantState",
+    "ScaleBlocks",
+    "block_reduce",
+    "check_group_size",
     "check_scales",
     "fake_quant",
-    "reduce_axes",
+    "group_axis",
     "scale_shape",
     "selected_weights",
     "weight_range",
@@ -42,8 +66,10 @@ class FakeQuantState(NamedTuple):
     """State of :func:`fake_quant`.
 
     Attributes:
-      scale: mirror tree (``None`` at unselected leaves): float32 of :func:`scale_shape` per
-        output feature (``(1, ..., 1, C)`` without layouts) or ``()`` per tensor.
+      scale: mirror tree (``None`` at unselected leaves): float32 of the leaf's
+        :meth:`ScaleBlocks.shape`: ``(1, ..., 1, C)`` per output feature without layouts, the
+        leaf's shape with ``n / g`` on the :func:`group_axis` for ``group_size=g``, ``()`` per
+        tensor (and for leaves clustered per tensor before it in a chain).
       zero_point: mirror tree like ``scale``: float32 integer values (zeros when symmetric).
     """
 
@@ -51,31 +77,81 @@ class FakeQuantState(NamedTuple):
     zero_point: Any
 
 
-def reduce_axes(leaf: Any, per_channel: bool, layout: Layout | None = None) -> tuple[int, ...]:
-    """The axes a leaf's scale statistics reduce over: all but the output axes per channel
-    (:func:`mixjax.layout.out_axes`), else all."""
-    keep = layout_lib.out_axes(leaf, layout) if per_channel else ()
-    return tuple(a for a in range(np.ndim(leaf)) if a not in keep)
+def group_axis(leaf: Any, layout: Layout | None = None) -> int:
+    """The axis along which ``group_size`` groups run: the last of the layout's contraction axes
+    (the innermost of the flattened contraction), else axis ``-2`` (as a non-negative index)."""
+    return layout.contract[-1] if layout is not None else np.ndim(leaf) - 2
 
 
-def scale_shape(leaf: Any, per_channel: bool, layout: Layout | None = None) -> tuple[int, ...]:
-    """The leaf's shape with 1 on the :func:`reduce_axes` per channel (``(1, ..., 1, C)`` without
-    a layout), ``()`` per tensor."""
+def scale_shape(
+    leaf: Any, per_channel: bool, layout: Layout | None = None, group_size: int | None = None
+) -> tuple[int, ...]:
+    """A leaf's scale shape (module docstring): ``()`` per tensor; per channel the leaf's shape
+    with 1 on all but the output axes (:func:`mixjax.layout.out_axes`); group-wise (with
+    ``per_channel``) the leaf's shape with ``n / group_size`` on the :func:`group_axis`
+    (``group_size`` must divide ``n``)."""
     if not per_channel:
         return ()
-    axes = reduce_axes(leaf, per_channel, layout)
-    return tuple(1 if a in axes else n for a, n in enumerate(np.shape(leaf)))
+    shape = list(np.shape(leaf))
+    if group_size is not None:
+        shape[group_axis(leaf, layout)] //= group_size
+        return tuple(shape)
+    keep = layout_lib.out_axes(leaf, layout)
+    return tuple(n if a in keep else 1 for a, n in enumerate(shape))
 
 
-def weight_range(
-    x: jax.Array, per_channel: bool, layout: Layout | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """The smallest and largest finite entries of ``x`` (0 where none), per channel or tensor."""
+def _coarsen(own: tuple[int, ...], shared: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """The finest block shape whose blocks are unions of both shapes' blocks (per axis, the gcd
+    of the sizes: groups of ``n / a`` and of ``n / b`` entries both fit in groups of
+    ``n / gcd(a, b)``); ``()`` when that is one block."""
+    ones = (1,) * ndim
+    out = tuple(math.gcd(a, b) for a, b in zip(own or ones, shared or ones, strict=True))
+    return () if out == ones else out
+
+
+class ScaleBlocks(NamedTuple):
+    """Where a weight quantizer's scales go: :func:`fake_quant`'s and :func:`~mixjax.quant.lsq`'s
+    static configuration of them.
+
+    Attributes:
+      per_channel: one scale per output feature (else per tensor).
+      group_size: ``g`` for group-wise scales along the :func:`group_axis`, or ``None``.
+      shared: ``{path: block shape}`` of the leaves whose input view shares values on blocks
+        (:attr:`mixjax.ParamTransform.shares` of the transforms before it in a chain);
+        ``{}`` outside a chain.
+    """
+
+    per_channel: bool
+    group_size: int | None = None
+    shared: Mapping[str, tuple[int, ...]] = {}
+
+    def shape(self, path: str, leaf: Any, layout: Layout | None) -> tuple[int, ...]:
+        """The scale shape of the leaf at ``path``: :func:`scale_shape`, coarsened to the shared
+        blocks where its input view shares values (module docstring)."""
+        own = scale_shape(leaf, self.per_channel, layout, self.group_size)
+        if path not in self.shared:
+            return own
+        return _coarsen(own, tuple(self.shared[path]), np.ndim(leaf))
+
+
+def block_reduce(x: jax.Array, shape: tuple[int, ...], reduce: Any) -> jax.Array:
+    """``reduce`` (e.g. ``jnp.max``) of ``x`` over each block of the block-broadcast ``shape``.
+
+    Each axis of size ``n`` is split into ``(d, n / d)`` for a ``shape`` entry ``d`` and the
+    ``n / d`` parts are reduced, so the result has exactly ``shape`` (``()``: the whole tensor).
+    """
+    if shape == ():
+        return reduce(x)
+    split = [part for d, n in zip(shape, x.shape, strict=True) for part in (d, n // d)]
+    return reduce(x.reshape(split), axis=tuple(range(1, 2 * x.ndim, 2)))
+
+
+def weight_range(x: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """The smallest and largest finite entries of ``x`` (0 where none) per block of ``shape``."""
     x = jnp.asarray(x, jnp.float32)
     finite = jnp.isfinite(x)
-    axes = reduce_axes(x, per_channel, layout)
-    lo = jnp.min(jnp.where(finite, x, 0.0), axis=axes, keepdims=per_channel)
-    hi = jnp.max(jnp.where(finite, x, 0.0), axis=axes, keepdims=per_channel)
+    lo = block_reduce(jnp.where(finite, x, 0.0), shape, jnp.min)
+    hi = block_reduce(jnp.where(finite, x, 0.0), shape, jnp.max)
     return lo, hi
 
 
@@ -85,19 +161,21 @@ def selected_weights(
     where: select.Where,
     per_channel: bool,
     layouts: dict[str, Layout | None] | None = None,
+    group_size: int | None = None,
 ) -> Any:
     """The selection of ``where`` in ``params`` (:func:`mixjax.select.selection`), checked.
 
     With ``layouts`` (``{path: layout}``, :func:`mixjax.layout.by_path`) the default selection is
     the kernels a matmul or convolution consumes: embedding tables are quantized only when a
     ``where`` asks for them. Each selected leaf must have ``ndim >= 2`` when ``per_channel``
-    without a layout, and a layout when ``per_channel`` with layouts; a *concrete* selected leaf
-    must be finite. Under a trace (``init`` inside ``jax.jit``) the values are unknown and only
-    the shapes are checked: non-finite weights then pass through the view unchanged.
+    without a layout, and a layout when ``per_channel`` with layouts; ``group_size`` must divide
+    its :func:`group_axis`; a *concrete* selected leaf must be finite. Under a trace (``init``
+    inside ``jax.jit``) the values are unknown and only the shapes are checked: non-finite
+    weights then pass through the view unchanged.
 
     Raises:
-      ValueError: a per-channel leaf with ``ndim < 2`` or without a layout; a concrete leaf
-        holding NaN/Inf.
+      ValueError: a per-channel leaf with ``ndim < 2`` or without a layout; a group axis that
+        ``group_size`` does not divide; a concrete leaf holding NaN/Inf.
     """
     if layouts is not None and where is None:
         where = lambda p, leaf: (  # noqa: E731
@@ -117,6 +195,14 @@ def selected_weights(
                 "(one scale per output channel, the last axis); use per_channel=False or a "
                 "where= that skips it"
             )
+        layout = None if layouts is None else layouts[path]
+        axis = None if group_size is None else group_axis(leaf, layout)
+        if axis is not None and leaf.shape[axis] % group_size:
+            which = "its layout's last contraction axis" if layout else "the input axis (-2)"
+            raise ValueError(
+                f"{fn_name}: {select.describe(path, leaf)}: group_size={group_size} does not "
+                f"divide axis {axis} ({leaf.shape[axis]} entries), {which} that groups run along"
+            )
         if not isinstance(leaf, jax.core.Tracer):
             bad = int(np.size(leaf) - np.isfinite(np.asarray(leaf, np.float32)).sum())
             if bad:
@@ -134,14 +220,15 @@ def check_scales(
     fn_name: str,
     params: Any,
     scales: Any,
-    per_channel: bool,
+    blocks: ScaleBlocks,
     layouts: dict[str, Layout | None] | None = None,
 ) -> None:
-    """Raises ``ValueError`` unless ``scales`` mirrors ``params`` with :func:`scale_shape` s."""
+    """Raises ``ValueError`` unless ``scales`` mirrors ``params`` with the shapes ``blocks``
+    gives (:meth:`ScaleBlocks.shape`)."""
     select.check_mirror(fn_name, params, scales, "state.scale")
 
     def check(path, x, s):
-        expected = scale_shape(x, per_channel, None if layouts is None else layouts[path])
+        expected = blocks.shape(path, x, None if layouts is None else layouts[path])
         if s is not None and tuple(jnp.shape(s)) != expected:
             raise ValueError(
                 f"{fn_name}: {select.describe(path, x)}: state scale has shape "
@@ -154,11 +241,23 @@ def check_scales(
     )
 
 
+def check_group_size(fn_name: str, group_size: int | None, per_channel: bool) -> int | None:
+    """``group_size``, checked: ``None`` or an integer ``>= 1``, only with ``per_channel``."""
+    group_size = _checks.integer(fn_name, "group_size", group_size, 1, optional=True)
+    if group_size is not None and not per_channel:
+        raise ValueError(
+            f"{fn_name}: group_size={group_size} needs per_channel=True (one scale per output "
+            "feature and group), got per_channel=False"
+        )
+    return group_size
+
+
 def fake_quant(
     bits: int = 8,
     *,
     symmetric: bool = True,
     per_channel: bool = True,
+    group_size: int | None = None,
     narrow_range: bool = True,
     scale: str | None = None,
     ste: str = "clipped",
@@ -170,8 +269,10 @@ def fake_quant(
 
     ``apply`` returns the dequantized view, whose gradient follows ``ste``
     (:mod:`mixjax.quant.grids`). It quantizes whatever view it receives, so in
-    ``chain(prune, quant)`` zeros stay zero, and after clustering it quantizes the codebook
-    values.
+    ``chain(prune, quant)`` zeros stay zero, and in ``chain(prune, share.cluster(16), quant)``
+    it quantizes the shared values on the clustering's blocks (module docstring): each kernel
+    keeps at most 16 values (per output feature, for per-channel clustering), all on its integer
+    grid, and :func:`mixjax.export.compress` stores it as a codebook of integers.
 
     Scales are statistics of the weights, computed by ``init`` and recomputed by ``update`` on
     the view of the transforms before it, at the steps that are multiples of ``update_every``
@@ -187,6 +288,10 @@ def fake_quant(
       symmetric: zero point 0 (default); else an integer zero point per scale.
       per_channel: one scale per output feature (a kernel's last axis, or with ``layouts`` all
         its output axes); else one per tensor.
+      group_size: ``g``: one scale per ``g`` consecutive entries along the :func:`group_axis`
+        (so per output feature and group; needs ``per_channel``; ``g`` must divide that axis):
+        scales of the leaf's shape with ``n / g`` on that axis, ``(n / g, C)`` for an ``(n,
+        C)`` kernel. ``None``: no groups.
       narrow_range: use ``[-qmax, qmax]`` instead of ``[-qmax - 1, qmax]``.
       scale: ``"absmax"`` or ``"minmax"`` (see :func:`mixjax.quant.qparams`); default
         ``"absmax"`` when symmetric, ``"minmax"`` otherwise (the only asymmetric rule).
@@ -199,20 +304,23 @@ def fake_quant(
         (:func:`mixjax.layout.learn`), which says where each kernel's output features are.
 
     Returns:
-      A :class:`mixjax.ParamTransform` whose state is a :class:`FakeQuantState`.
+      A :class:`mixjax.ParamTransform` whose state is a :class:`FakeQuantState`; its ``adapt``
+      sets it up for shared values (:attr:`mixjax.ParamTransform.adapt`, used by
+      :func:`mixjax.chain`).
 
     Raises:
-      TypeError / ValueError (here): bad ``bits``, ``ste``, ``scale``, ``update_every`` or
-        combinations.
-      ValueError (in ``init``): per-channel scales asked for a leaf with ``ndim < 2``; a
-        selected leaf holds NaN/Inf (checked where ``init`` sees concrete values, not under
-        ``jax.jit``: see :func:`selected_weights`).
+      TypeError / ValueError (here): bad ``bits``, ``ste``, ``scale``, ``update_every``,
+        ``group_size`` or combinations (``group_size`` without ``per_channel``).
+      ValueError (in ``init``): per-channel scales asked for a leaf with ``ndim < 2``; a group
+        axis that ``group_size`` does not divide; a selected leaf holds NaN/Inf (checked where
+        ``init`` sees concrete values, not under ``jax.jit``: see :func:`selected_weights`).
     """
     name = "mixjax.quant.fake_quant"
     g = grid(bits, narrow_range=narrow_range, fn_name=name)
     _checks.choice(name, "ste", ste, STE_RULES)
     symmetric = _checks.boolean(name, "symmetric", symmetric)
     per_channel = _checks.boolean(name, "per_channel", per_channel)
+    group_size = check_group_size(name, group_size, per_channel)
     if scale is None:
         scale = "absmax" if symmetric else "minmax"
     _checks.choice(name, "scale", scale, SCALE_RULES)
@@ -220,44 +328,56 @@ def fake_quant(
         raise ValueError(f"{name}: asymmetric quantization uses scale='minmax', got 'absmax'")
     due = multiples_of(_checks.integer(name, "update_every", update_every, 1))
 
-    def state_of(params, chosen):
-        found = layout_lib.by_path(name, params, layouts) or {}
-        pairs = select.mirror(
-            lambda p, x: qparams(
-                *weight_range(x, per_channel, found.get(p)), g, symmetric=symmetric, scale=scale
-            ),
-            params,
-            chosen,
+    def build(blocks: ScaleBlocks) -> ParamTransform:
+        def state_of(params, chosen):
+            found = layout_lib.by_path(name, params, layouts) or {}
+            pairs = select.mirror(
+                lambda p, x: qparams(
+                    *weight_range(x, blocks.shape(p, x, found.get(p))),
+                    g,
+                    symmetric=symmetric,
+                    scale=scale,
+                ),
+                params,
+                chosen,
+            )
+            first = jax.tree.map(lambda p, t: None if t is None else t[0], params, pairs)
+            second = jax.tree.map(lambda p, t: None if t is None else t[1], params, pairs)
+            return FakeQuantState(first, second)
+
+        def init_fn(params):
+            found = layout_lib.by_path(name, params, layouts)
+            chosen = selected_weights(name, params, where, per_channel, found, group_size)
+            return state_of(params, chosen)
+
+        def apply_fn(params, state):
+            _checks.instance(name, "state", state, FakeQuantState, "a FakeQuantState")
+            found = layout_lib.by_path(name, params, layouts)
+            check_scales(name, params, state.scale, blocks, found)
+            return jax.tree.map(
+                lambda x, s, z: (
+                    x
+                    if s is None
+                    else fake_quantize(
+                        x, jax.lax.stop_gradient(s), jax.lax.stop_gradient(z), g, ste=ste
+                    )
+                ),
+                params,
+                state.scale,
+                state.zero_point,
+            )
+
+        def update_fn(params, state, step, **extra):
+            del extra
+            chosen = jax.tree.map(lambda p, s: s is not None, params, state.scale)
+            return update_when_due(due, step, lambda: state_of(params, chosen), state)
+
+        return ParamTransform(
+            init_fn,
+            apply_fn,
+            update_fn,
+            due=due,
+            adapt=lambda shared: build(blocks._replace(shared=dict(shared))),
         )
-        first = jax.tree.map(lambda p, t: None if t is None else t[0], params, pairs)
-        second = jax.tree.map(lambda p, t: None if t is None else t[1], params, pairs)
-        return FakeQuantState(first, second)
 
-    def init_fn(params):
-        found = layout_lib.by_path(name, params, layouts)
-        return state_of(params, selected_weights(name, params, where, per_channel, found))
-
-    def apply_fn(params, state):
-        _checks.instance(name, "state", state, FakeQuantState, "a FakeQuantState")
-        check_scales(
-            name, params, state.scale, per_channel, layout_lib.by_path(name, params, layouts)
-        )
-        return jax.tree.map(
-            lambda x, s, z: (
-                x
-                if s is None
-                else fake_quantize(
-                    x, jax.lax.stop_gradient(s), jax.lax.stop_gradient(z), g, ste=ste
-                )
-            ),
-            params,
-            state.scale,
-            state.zero_point,
-        )
-
-    def update_fn(params, state, step, **extra):
-        del extra
-        chosen = jax.tree.map(lambda p, s: s is not None, params, state.scale)
-        return update_when_due(due, step, lambda: state_of(params, chosen), state)
-
-    return ParamTransform(init_fn, apply_fn, update_fn, due=due)
+    return build(ScaleBlocks(per_channel, group_size))

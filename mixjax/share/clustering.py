@@ -51,10 +51,11 @@ from mixjax import _checks, select
 from mixjax import layout as layout_lib
 from mixjax.core import Params, ParamTransform, multiples_of, never, update_when_due
 from mixjax.layout import Layout
+from mixjax.quant.weights import scale_shape
 from mixjax.share import kmeans
 from mixjax.share.tying import straight_through, tie
 
-__all__ = ["MODES", "ClusterState", "Codebook", "cluster", "codebook", "reconstruct"]
+__all__ = ["MODES", "ClusterState", "cluster"]
 
 MODES = ("fixed", "reassign")
 
@@ -259,7 +260,11 @@ def cluster(
         output features are (used with ``per_channel``).
 
     Returns:
-      A :class:`~mixjax.ParamTransform` whose state is a :class:`ClusterState`.
+      A :class:`~mixjax.ParamTransform` whose state is a :class:`ClusterState`. Its ``shares``
+      (:attr:`mixjax.ParamTransform.shares`) names each clustered leaf with its groups' block
+      shape: ``()`` per leaf, ``(1, ..., 1, C)`` (the output axes kept) per channel; so a
+      quantizer after it in :func:`mixjax.chain` scales each group with one scale and keeps its
+      at most ``num_clusters`` values (:mod:`mixjax.quant.weights`).
 
     Raises:
       TypeError / ValueError: ``num_clusters < 2``, unknown ``init`` or ``mode``, a random
@@ -345,64 +350,22 @@ def cluster(
         refresh = lambda: _cluster_tree(c, step_key, params, selected(params), flat(params)[1])
         return update_when_due(due, step, refresh, state)
 
+    def shares_fn(params, state):
+        fields = jax.tree.structure(params).flatten_up_to(
+            state.assignments if c.fixed else state.centroids
+        )
+        leaves = zip(select.leaves_with_paths(params), fields, flat(params)[1], strict=True)
+        # A cluster's members are the weights of one group: those of a per-channel scale.
+        return {
+            path: scale_shape(leaf, c.per_channel, layout)
+            for (path, leaf), field, layout in leaves
+            if field is not None
+        }
+
     return ParamTransform(
         lambda params: _cluster_tree(c, key, params, selected(params), flat(params)[1]),
         apply_fn,
         update_fn,
         due=due,
+        shares=shares_fn,
     )
-
-
-class Codebook(NamedTuple):
-    """A clustered leaf as a codebook and indices (host NumPy arrays).
-
-    Attributes:
-      centroids: ``(K,)`` per leaf or ``(C, K)`` per output channel (``C`` = last axis), the
-        leaf's dtype, ascending; entries past a group's distinct values repeat its largest.
-      indices: ``uint8`` (``uint16`` when ``K > 256``), the leaf's shape; the value of each weight
-        is its group's ``centroids[index]``.
-    """
-
-    centroids: np.ndarray
-    indices: np.ndarray
-
-
-def codebook(view: jax.Array, num_clusters: int, *, per_channel: bool = False) -> Codebook:
-    """Splits a clustered view (at most ``num_clusters`` values per group) into a codebook.
-
-    Works for both modes of :func:`cluster` (give it the view that ``apply`` returned), and
-    :func:`reconstruct` gives the view back bit for bit.
-
-    Raises:
-      ValueError: a group has more than ``num_clusters`` distinct values, or ``num_clusters``
-        is not in ``[1, 65536]``.
-    """
-    name = "mixjax.share.codebook"
-    num_clusters = _checks.integer(name, "num_clusters", num_clusters, 1, 65536)
-    view = np.asarray(view)
-    groups = view.reshape(-1, view.shape[-1]).T if per_channel else view.reshape(1, -1)
-    index_dtype = np.uint8 if num_clusters <= 256 else np.uint16
-    centroids = np.empty((groups.shape[0], num_clusters), view.dtype)
-    indices = np.empty(groups.shape, index_dtype)
-    for g, values in enumerate(groups):
-        unique, inverse = np.unique(values, return_inverse=True)
-        if unique.size > num_clusters:
-            where = f"output channel {g}" if per_channel else "the leaf"
-            raise ValueError(
-                f"{name}: {where} of shape {view.shape} has {unique.size} distinct values, "
-                f"more than num_clusters={num_clusters}"
-            )
-        centroids[g, : unique.size] = unique
-        centroids[g, unique.size :] = unique[-1]
-        indices[g] = inverse.reshape(-1)
-    indices = (indices.T if per_channel else indices).reshape(view.shape)
-    return Codebook(centroids if per_channel else centroids[0], indices)
-
-
-def reconstruct(book: Codebook) -> np.ndarray:
-    """The leaf a :class:`Codebook` encodes: ``centroids[indices]`` (per channel when 2-D)."""
-    centroids, indices = np.asarray(book.centroids), np.asarray(book.indices)
-    if centroids.ndim == 1:
-        return centroids[indices]
-    flat = indices.reshape(-1, indices.shape[-1]).astype(np.int64)
-    return np.take_along_axis(centroids.T, flat, axis=0).reshape(indices.shape)

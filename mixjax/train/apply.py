@@ -47,25 +47,18 @@ class ApplyFn(Protocol):
     logits (``(B, C)`` or ``(B, L, V)``) and the new ``model_state`` (of the same structure;
     returned unchanged when ``train=False``).
 
-    Activation quantization fits as model state, the observers' statistics. Keep the model's
-    own state (batch statistics) beside them, in a dict, so both survive the step::
+    Activation quantization fits as model state, the observers' statistics:
+    :func:`mixjax.quant.quantized_apply` wraps an ``ApplyFn`` so that the observers and the
+    model's own state (batch statistics) both live in the model state and survive the step::
 
         act = mixjax.quant.activation_quant(8)
         base = mixjax.train.linen_apply(module, train_kwarg="train")
-
-        def apply_fn(params, model_state, x, *, train, key):
-            def fn(x):  # the model, returning its updated variables too
-                return base(params, model_state["model"], x, train=train, key=key)
-
-            (logits, inner), act_state = act.apply(
-                fn, model_state["act"], x, mode="train" if train else "eval"
-            )
-            return logits, {"act": act_state, "model": inner}
+        qat = mixjax.quant.quantized_apply(base, act)
 
         variables = module.init(key, x)
         params = variables.pop("params")               # variables: {"batch_stats": ...}
-        act_state = act.init(lambda x: module.apply({"params": params, **variables}, x), x)
-        model_state = {"act": act_state, "model": variables}
+        model_state = qat.init(params, variables, x)   # {"act": observers, "model": variables}
+        apply_fn = qat.apply
     """
 
     def __call__(
