@@ -56,9 +56,14 @@ def output_kernel(forward: Callable[[Any, Any], Any], params: Any, x: Any, layou
       ValueError: no kernel, or more than one, fits the rule (the message lists the matmul
         kernels with ``C`` output features).
     """
-    logits, pullback = jax.vjp(lambda p: forward(p, x), params)
-    classes = logits.shape[-1]
-    (grads,) = pullback(jax.numpy.zeros_like(logits).at[..., 0].set(1.0))
+    classes = jax.eval_shape(forward, params, x).shape[-1]
+
+    @jax.jit  # one compilation: op by op, a ResNet's backward pass costs seconds of dispatch
+    def logit_zero_gradient(params):
+        logits, pullback = jax.vjp(lambda p: forward(p, x), params)
+        return pullback(jax.numpy.zeros_like(logits).at[..., 0].set(1.0))[0]
+
+    grads = logit_zero_gradient(params)
     by_path = layout.by_path(_NAME, params, layouts)
     candidates, hits = [], []
     for path, grad in select.leaves_with_paths(jax.device_get(grads)):
