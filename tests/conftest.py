@@ -44,6 +44,19 @@ def _is_array(x):
 HARNESSES = {"eager": eager, "jit": jax.jit, "vmap": vmapped}
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for one module's end-to-end runs (each ``mixjax run``
+    compiles the same steps again), restored afterwards; use it with ``pytestmark``."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = [getattr(jax.config, name) for name in names]
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(names[1], 0.0)
+    yield
+    for name, value in zip(names, saved, strict=True):
+        jax.config.update(name, value)
+
+
 @pytest.fixture(params=["eager", "jit"])
 def harness(request):
     """A function wrapper: the function itself, or ``jax.jit`` of it."""

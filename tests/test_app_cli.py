@@ -22,6 +22,9 @@ from mixjax import export
 from mixjax.app import cli, evaluate, pipeline, plots, stages
 from mixjax.app import config as config_lib
 
+# Every run here compiles the same steps: share one compilation cache per module.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 TINY = [
     "--train-steps", "300", "--prune-steps", "100", "--qat-steps", "100", "--steps-per-call", "50",
     "--checkpoint-every", "50", "--model", "lenet300100", "--quiet",
@@ -47,17 +50,6 @@ KEYS = {
     "environment": dict,
     "plots": list,
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = [getattr(jax.config, name) for name in names]
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(names[1], 0.0)
-    yield
-    for name, value in zip(names, saved, strict=True):
-        jax.config.update(name, value)
 
 
 @pytest.fixture(scope="module")

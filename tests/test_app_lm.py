@@ -11,7 +11,6 @@ import math
 import os
 import random
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,6 +19,9 @@ from mixjax import export, layout, models, select
 from mixjax.app import cli, common, lm, pipeline, plots
 
 SIZES = ["--width", "32", "--heads", "1", "--depth", "1", "--context", "16"]
+# Every run here compiles the same steps: share one compilation cache per module.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 TINY = [
     "--task", "lm", "--train-steps", "100", "--prune-steps", "50", "--steps-per-call", "50",
     "--checkpoint-every", "50", *SIZES, "--quiet",
@@ -44,17 +46,6 @@ def write_text(path, characters=20_000, seed=0):
         lines.append(" ".join(r.choice(WORDS) for _ in range(r.randint(3, 9))) + ".\n")
     path.write_text("".join(lines))
     return f"text:{path}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = [getattr(jax.config, name) for name in names]
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(names[1], 0.0)
-    yield
-    for name, value in zip(names, saved, strict=True):
-        jax.config.update(name, value)
 
 
 @pytest.fixture(scope="module")
