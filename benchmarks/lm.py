@@ -75,6 +75,33 @@ def fit(apply_fn, state, tx, transform, dataset, steps, seed):
     return state, float(np.mean(np.asarray(losses[-1]))), time.perf_counter() - tick
 
 
+def load_corpus(path):
+    """The ``"train"`` and ``"val"`` splits of the character corpus at ``path``."""
+    source = f"text:{path}"
+    return data.load_text(source, "train"), data.load_text(source, "val")
+
+
+def train_dense(train_set, steps, *, seed=0):
+    """GPT-tiny trained dense on ``train_set`` for ``steps`` steps (the recipe of the module
+    docstring; ``seed`` picks the initialization, ``seed + 1`` the state key, ``seed`` the data
+    order).
+
+    Returns:
+      ``(module, apply_fn, state, seconds)``: the linen module, its
+      :func:`mixjax.train.linen_apply`, the trained :class:`mixjax.train.TrainState` and the
+      training wall time.
+    """
+    module = models.GPTTiny(len(train_set.vocab), context=CONTEXT)
+    apply_fn = train.linen_apply(module, train_kwarg="train")
+    tokens = jnp.zeros((1, CONTEXT), jnp.int32)
+    params = jax.jit(module.init)(jax.random.key(seed), tokens)["params"]
+    schedule = optax.cosine_decay_schedule(1e-3, steps, alpha=0.1)
+    tx = optax.adamw(schedule, weight_decay=0.1)
+    dense = train.init_train_state(params, tx, key=jax.random.key(seed + 1))
+    dense, _, seconds = fit(apply_fn, dense, tx, None, train_set, steps, seed=seed)
+    return module, apply_fn, dense, seconds
+
+
 def plot(results, dense_bytes, path):
     """Validation loss against stored bytes (log scale), one labelled point per variant."""
     import matplotlib
@@ -110,18 +137,10 @@ def main() -> None:
         print(f"benchmarks/lm.py: {args.data} is missing; nothing to measure")
         return
     steps = 200 if args.quick else args.steps
-    source = f"text:{args.data}"
-    train_set, val = data.load_text(source, "train"), data.load_text(source, "val")
-    module = models.GPTTiny(len(train_set.vocab), context=CONTEXT)
-    apply_fn = train.linen_apply(module, train_kwarg="train")
+    train_set, val = load_corpus(args.data)
+    module, apply_fn, dense, dense_s = train_dense(train_set, steps, seed=0)
     tokens = jnp.zeros((1, CONTEXT), jnp.int32)
-    params = jax.jit(module.init)(jax.random.key(0), tokens)["params"]
-    layouts = layout.learn(lambda p, x: module.apply({"params": p}, x), params, tokens)
-
-    schedule = optax.cosine_decay_schedule(1e-3, steps, alpha=0.1)
-    tx = optax.adamw(schedule, weight_decay=0.1)
-    dense = train.init_train_state(params, tx, key=jax.random.key(1))
-    dense, _, dense_s = fit(apply_fn, dense, tx, None, train_set, steps, seed=0)
+    layouts = layout.learn(lambda p, x: module.apply({"params": p}, x), dense.params, tokens)
     rows = [("dense", val_loss(apply_fn, dense, None, val), dense.params, None, None, dense_s)]
 
     sparse = prune.magnitude(None, structure=prune.NM(2, 4), layouts=layouts)

@@ -6,6 +6,8 @@ and the families, one subpackage each:
 * compression transforms: :mod:`mixjax.prune`, :mod:`mixjax.quant`, :mod:`mixjax.share`, chosen
   by :mod:`mixjax.select`, driven by :mod:`mixjax.schedules` and told each kernel's axes by
   :mod:`mixjax.layout`; :mod:`mixjax.export` stores and runs what they make;
+* one-shot compression from calibration data: :mod:`mixjax.calibrate` (the statistics of every
+  layer's inputs) and :mod:`mixjax.oneshot` (GPTQ, SparseGPT, Wanda, ... layer by layer);
 * training: :mod:`mixjax.augment`, :mod:`mixjax.train`, :mod:`mixjax.delay` (asynchronous
   training), :mod:`mixjax.parallel`, :mod:`mixjax.checkpoint`;
 * :mod:`mixjax.models` and :mod:`mixjax.data`, reference models and datasets.
@@ -20,11 +22,13 @@ from typing import Any
 
 from mixjax import (
     augment,
+    calibrate,
     data,
     delay,
     export,
     layout,
     models,
+    oneshot,
     parallel,
     prune,
     quant,
@@ -72,6 +76,7 @@ __all__ = [
     "ParamTransform",
     "apply_updates",
     "augment",
+    "calibrate",
     "chain",
     "checkpoint",
     "data",
@@ -84,6 +89,7 @@ __all__ = [
     "models",
     "multiples_of",
     "never",
+    "oneshot",
     "parallel",
     "prune",
     "quant",

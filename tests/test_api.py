@@ -41,7 +41,15 @@ def test_importing_mixjax_loads_no_heavy_dependency():
 
 def test_top_level_exports_the_families_not_internals():
     modules = {n for n in mixjax.__all__ if isinstance(getattr(mixjax, n), types.ModuleType)}
-    assert modules == {*FAMILIES, "checkpoint", "layout", "schedules", "select"}
+    assert modules == {
+        *FAMILIES,
+        "calibrate",
+        "checkpoint",
+        "layout",
+        "oneshot",
+        "schedules",
+        "select",
+    }
     for internal in ("codecs", "coding", "packing", "config", "deploy", "intinfer", "app"):
         assert internal not in mixjax.__all__
     assert sorted(dir(mixjax)) == sorted(mixjax.__all__)

@@ -1,4 +1,5 @@
-"""The ``mixjax`` command: ``run`` the pipeline, ``report`` an artifact, ``eval`` it on data.
+"""The ``mixjax`` command: ``run`` the pipeline, ``report`` an artifact, ``eval`` it on data,
+``compress`` a run's float model one shot.
 
 Examples::
 
@@ -10,6 +11,8 @@ Examples::
     mixjax run --output out --overwrite           # start the run in out again
     mixjax report out/model.mjx                   # per-leaf size table
     mixjax eval out/model.mjx --data digits --split test
+    mixjax compress out --method gptq --bits 4 --group-size 32 --output out-gptq
+    mixjax compress out --method sparsegpt --sparsity 2:4 --bits 8 --output out-24
 
 Settings come from the defaults (:mod:`mixjax.app.config`), then ``--config FILE.toml``, then the
 options given; ``mixjax run --help`` lists every option with its default. A bad option or value,
@@ -23,6 +26,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from mixjax import models
 from mixjax.app import config as config_lib
@@ -36,6 +40,11 @@ _CHOICES = {
     "train.model": tuple(sorted(models.MODELS)),
 }
 _TYPES = {"int": int, "float": float, "str": str}
+# mixjax.app.compress.QUANTIZERS and PRUNERS (named here so a bad command line fails before JAX
+# is imported; a test keeps them equal).
+_QUANTIZERS = ("gptq", "rtn")
+_PRUNERS = ("sparsegpt", "wanda", "magnitude")
+_SAMPLES = 128  # mixjax.app.compress.DEFAULT_SAMPLES
 
 
 class UsageError(Exception):
@@ -92,7 +101,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``mixjax`` argument parser with its ``run``, ``report`` and ``eval`` subcommands."""
+    """The ``mixjax`` argument parser with its ``run``, ``report``, ``eval`` and ``compress``
+    subcommands."""
     parser = _Parser(
         prog=PROG,
         description="mixjax: train, compress, export and evaluate image classifiers and "
@@ -125,7 +135,73 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset: 'digits', a prepared TFDS name, 'idx:DIR' or 'npz:FILE' (default: digits)",
     )
     evaluate.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    _add_compress(commands)
     return parser
+
+
+def _add_compress(commands: Any) -> None:
+    methods = ", ".join((*_QUANTIZERS, *_PRUNERS))
+    compress = commands.add_parser(
+        "compress",
+        help="compress a run's float model one shot from calibration data (no training)",
+        description="Compress the float model of a finished `mixjax run` (its output directory, "
+        "or a float checkpoint RUN/checkpoints/float/STEP) layer by layer from calibration data, "
+        "without training: GPTQ or round-to-nearest quantization, SparseGPT (with --bits: joint "
+        "sparsity and quantization), Wanda or magnitude pruning (with --bits: then "
+        "round-to-nearest). Writes report.json (the keys of `mixjax run`'s), the artifact "
+        "model.mjx and the plots to --output.",
+    )
+    compress.add_argument(
+        "source", metavar="RUN_DIR", help="`mixjax run` output directory or float checkpoint"
+    )
+    compress.add_argument(
+        "--method",
+        required=True,
+        metavar="METHOD",
+        help=f"one of {methods} (awq, activation-aware scaling, is not available yet)",
+    )
+    compress.add_argument(
+        "--bits",
+        type=int,
+        metavar="B",
+        help="weight bits, 2..8: needed by gptq and rtn; optional for the pruning methods",
+    )
+    compress.add_argument(
+        "--sparsity",
+        metavar="S|N:M",
+        help="pruning methods: the fraction pruned per output feature, in [0, 1), or N:M "
+        "(keep N of every M inputs, e.g. 2:4)",
+    )
+    compress.add_argument(
+        "--group-size",
+        type=int,
+        metavar="G",
+        help="with --bits: one scale per G input rows of each layer (must divide every layer's "
+        "inputs; default: one per output feature)",
+    )
+    compress.add_argument(
+        "--dataset",
+        help="calibration and evaluation dataset (default: the run's; 'text:FILE' for a "
+        "language model)",
+    )
+    compress.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=_SAMPLES,
+        metavar="N",
+        help=f"training images (or text windows) to calibrate on (default: {_SAMPLES})",
+    )
+    compress.add_argument(
+        "--output", metavar="DIR", help="output directory (default: RUN_DIR-METHOD beside the run)"
+    )
+    compress.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of an earlier `mixjax compress` in --output",
+    )
+    compress.add_argument(
+        "--quiet", action="store_true", help="no progress bars or log lines (default: off)"
+    )
 
 
 def _config(args: argparse.Namespace) -> config_lib.Config:
@@ -160,6 +236,8 @@ def _summary(report: dict) -> str:
         "float32"
     )
     speed = f"{'-' if rate is None else f'{rate:.0f}'} train steps/s"
+    if "oneshot" in report:  # mixjax compress: no training; the one-shot pass's time instead
+        speed = f"one-shot {report['timings_s']['oneshot']:.1f} s"
     total = f"{report['timings_s']['total']:.0f} s in all"
     if lm:
         return "\n".join(
@@ -249,11 +327,93 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sparsity(text: str | None) -> float | tuple[int, int] | None:
+    if text is None:
+        return None
+    rule = f"must be a fraction in [0, 1) or N:M with 1 <= N <= M, got {text!r}"
+    try:
+        if ":" in text:
+            n, m = (int(part) for part in text.split(":"))
+            if not 1 <= n <= m:
+                raise ValueError
+            return n, m
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"argument --sparsity: {rule}") from None
+    if not 0 <= value < 1:  # False for NaN too
+        raise UsageError(f"argument --sparsity: {rule}")
+    return value
+
+
+def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line of ``mixjax compress``, checked (before JAX is imported)."""
+    method = args.method
+    if method == "awq":
+        raise UsageError(
+            "argument --method: awq (activation-aware weight scaling) is not implemented in "
+            f"mixjax yet; choose one of {', '.join((*_QUANTIZERS, *_PRUNERS))}"
+        )
+    if method not in (*_QUANTIZERS, *_PRUNERS):
+        raise UsageError(
+            f"argument --method: invalid choice {method!r} (choose from "
+            f"{', '.join((*_QUANTIZERS, *_PRUNERS))})"
+        )
+    sparsity = _sparsity(args.sparsity)
+    if args.bits is not None and not 2 <= args.bits <= 8:
+        raise UsageError(f"argument --bits: must be in 2..8, got {args.bits}")
+    if method in _QUANTIZERS and args.bits is None:
+        raise UsageError(f"--method {method} needs --bits (2..8)")
+    if method in _QUANTIZERS and sparsity is not None:
+        raise UsageError(
+            f"--sparsity applies to the pruning methods ({', '.join(_PRUNERS)}); --method "
+            f"{method} only quantizes"
+        )
+    if method in _PRUNERS and sparsity is None:
+        raise UsageError(
+            f"--method {method} needs --sparsity (a fraction in [0, 1), or N:M such as 2:4)"
+        )
+    if args.group_size is not None and args.bits is None:
+        raise UsageError("--group-size needs --bits (it sets the quantization groups)")
+    if args.group_size is not None and args.group_size < 1:
+        raise UsageError(f"argument --group-size: must be >= 1, got {args.group_size}")
+    if args.calibration_samples < 1:
+        raise UsageError(
+            f"argument --calibration-samples: must be >= 1, got {args.calibration_samples}"
+        )
+    return dict(
+        method=method,
+        bits=args.bits,
+        sparsity=sparsity,
+        group_size=args.group_size,
+        dataset=args.dataset,
+        samples=args.calibration_samples,
+        output=args.output,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        progress=not args.quiet,
+    )
+
+
+def _compress(args: argparse.Namespace) -> int:
+    options = _compress_options(args)
+    from mixjax.app import compress
+
+    report = compress.run(args.source, **options)
+    print(report["oneshot_layers_markdown"])
+    print()
+    print(_summary(report))
+    out = report["config"]["run"]["output"]
+    print(f"\nwrote {out}/{compress.ARTIFACT}, {out}/{compress.REPORT}, plots {report['plots']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``mixjax`` command; returns the exit status (0, 2 for errors, 130 on Ctrl-C)."""
+    args = None
     try:
         args = build_parser().parse_args(argv)
-        return {"run": _run, "report": _report, "eval": _eval}[args.command](args)
+        commands = {"run": _run, "report": _report, "eval": _eval, "compress": _compress}
+        return commands[args.command](args)
     except SystemExit as done:  # --help
         return int(done.code or 0)
     except (UsageError, ValueError, TypeError, OSError) as err:
@@ -261,7 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue with `mixjax run --resume`", file=sys.stderr)
+        again = (
+            "" if args is None or args.command != "run" else "; continue with `mixjax run --resume`"
+        )
+        print(f"{PROG}: interrupted{again}", file=sys.stderr)
         return 130
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "dense_bytes",
     "environment",
     "finish",
+    "float_optimizer",
     "forward",
     "mesh",
     "optimizer",
@@ -110,6 +111,14 @@ def optimizer(
     comp = None if cfg.train.compensation == "none" else cfg.train.compensation
     inner = optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
     return delay.delayed(inner, cfg.train.tau, compensation=comp, lam=cfg.train.lam)
+
+
+def float_optimizer(cfg: config_lib.Config) -> optax.GradientTransformation:
+    """The float stage's optimizer (both tasks): :func:`optimizer` at ``train.lr``
+    cosine-decayed to 0 over ``train.steps``, with ``train.weight_decay``; what restores a float
+    checkpoint (``mixjax compress``) builds it again."""
+    lr = optax.cosine_decay_schedule(cfg.train.lr, cfg.train.steps, alpha=0.0)
+    return optimizer(cfg, lr, cfg.train.weight_decay)
 
 
 def mesh(devices: int) -> Any:

@@ -41,7 +41,7 @@ from mixjax.app import config as config_lib
 from mixjax.app.rundir import ARTIFACT
 from mixjax.app.stages import Run, Stage, log, run_stage
 
-__all__ = ["GROUP_SIZE", "STAGES", "VARIANTS", "run"]
+__all__ = ["GROUP_SIZE", "STAGES", "VARIANTS", "metadata", "run"]
 
 STAGES = ("float", "prune")
 GROUP_SIZE = 32
@@ -70,14 +70,24 @@ def _check_groups(quantizers: dict[str, core.ParamTransform], params: Any) -> No
         ) from None
 
 
-def _metadata(cfg: config_lib.Config, sizes: dict[str, int], vocab: str, variant: str) -> dict:
-    bits, group = VARIANTS[variant]
+def metadata(
+    cfg: config_lib.Config,
+    sizes: dict[str, int],
+    vocab: str,
+    bits: int | None,
+    group_size: int | None,
+) -> dict:
+    """A language model's artifact metadata: task, model, sizes, vocabulary and its weight-only
+    quantization (``bits`` ``None``: none, ``"quantization": None``)."""
+    quantization = None
+    if bits is not None:
+        quantization = {"bits": bits, "group_size": group_size, "weights_only": True}
     return {
         "task": "lm",
         "model": cfg.train.model,
         "sizes": dict(sizes),
         "vocab": vocab,
-        "quantization": {"bits": bits, "group_size": group, "weights_only": True},
+        "quantization": quantization,
     }
 
 
@@ -119,8 +129,7 @@ def run(
     run_ = Run(cfg, task, rng, common.mesh(cfg.run.devices), resume, show, quiet, stop_after)
 
     # 1. float: AdamW with the learning rate cosine-decayed to 0.
-    lr = optax.cosine_decay_schedule(cfg.train.lr, cfg.train.steps, alpha=0.0)
-    tx = common.optimizer(cfg, lr, cfg.train.weight_decay)
+    tx = common.float_optimizer(cfg)
     stage = Stage(
         "float", cfg.train.steps, 0, cfg.data.batch_size, net.apply_fn, tx, core.identity(), None
     )
@@ -152,8 +161,8 @@ def run(
         evaluate = train.make_eval_step(net.apply_fn, transform=transform)
         scores[name] = task.score(evaluate, quantized)
         artifact = export.compress(state.params, transform, quantized.transform_state, **compact)
-        metadata = _metadata(cfg, net.sizes, vocab, name)
-        artifacts[name] = dataclasses.replace(artifact, metadata=metadata)
+        meta = metadata(cfg, net.sizes, vocab, *VARIANTS[name])
+        artifacts[name] = dataclasses.replace(artifact, metadata=meta)
         sizes[name] = artifacts[name].nbytes
         log(quiet, f"{name}: val loss {scores[name]['loss']:.4f}, {sizes[name]} bytes")
     loaded = export.load(export.save(artifacts["compressed"], os.path.join(out, ARTIFACT)))

@@ -213,11 +213,10 @@ def run(
     offsets = [0, cfg.train.steps, cfg.train.steps + c.prune_steps]
 
     # 1. float: augmented, AdamW with the learning rate cosine-decayed to 0.
-    lr = optax.cosine_decay_schedule(cfg.train.lr, cfg.train.steps, alpha=0.0)
     augmenter = augment.chain(
         augment.random_affine(degrees=cfg.data.degrees, translate=cfg.data.translate)
     )
-    tx = common.optimizer(cfg, lr, cfg.train.weight_decay)
+    tx = common.float_optimizer(cfg)
     stage = Stage(
         "float",
         cfg.train.steps,

@@ -42,6 +42,7 @@ __all__ = [
     "REPORT",
     "RUN_FILE",
     "prepare",
+    "read_run_file",
     "write_json",
 ]
 
@@ -66,7 +67,12 @@ def _flat(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, values in config.items() for k, v in values.items()}
 
 
-def _read_run_file(out: str) -> dict[str, Any] | None:
+def read_run_file(out: str) -> dict[str, Any] | None:
+    """The run file in ``out`` (module docstring), or ``None`` where there is none.
+
+    Raises:
+      ValueError: a file that cannot be read or is not a run file of this version.
+    """
     path = os.path.join(out, RUN_FILE)
     if not os.path.exists(path):
         return None
@@ -136,6 +142,7 @@ def prepare(
     overwrite: bool,
     extras: dict[str, Any] | None = None,
     log: Callable[[str], Any] = print,
+    resumable: bool = True,
 ) -> dict[str, Any]:
     """Makes ``out`` ready for a run of ``cfg`` (rules in the module docstring).
 
@@ -147,6 +154,8 @@ def prepare(
       overwrite: replace the outputs of the run in ``out``.
       extras: settings outside the configuration to record with a resume (``{"quiet": ...}``).
       log: called with a message when a resume starts fresh.
+      resumable: whether the command writing ``out`` can ``--resume`` (the refusal of a
+        non-empty directory suggests it only then; ``mixjax compress`` cannot).
 
     Returns:
       The run file as written: its ``"config"`` and ``"resumes"`` belong in the report.
@@ -162,7 +171,7 @@ def prepare(
         raise ValueError(f"{_NAME}: --output {out!r} exists and is not a directory")
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     config = config_lib.as_dict(cfg)
-    run = _read_run_file(out) if entries else None
+    run = read_run_file(out) if entries else None
     if resume and run is not None:
         run = _resume(out, run, config, extras or {})
         write_json(os.path.join(out, RUN_FILE), run)
@@ -176,10 +185,10 @@ def prepare(
         log(f"--resume: {out!r} holds no run yet; starting a new one")
     if entries and not overwrite:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        hint = "pass --resume to continue the run there, " if resumable else "pass "
         raise ValueError(
-            f"{_NAME}: --output {out!r} is not empty ({shown}); pass --resume to continue the "
-            "run there, --overwrite to replace what mixjax wrote there (other files are kept), "
-            "or choose another directory"
+            f"{_NAME}: --output {out!r} is not empty ({shown}); {hint}--overwrite to replace "
+            "what mixjax wrote there (other files are kept), or choose another directory"
         )
     if run is not None:
         _remove(out, run["owned"])

@@ -43,7 +43,9 @@ __all__ = [
     "Stopped",
     "Task",
     "image_task",
+    "init_state",
     "log",
+    "read_checkpoint",
     "run_stage",
     "text_task",
     "warn",
@@ -203,7 +205,7 @@ def _check_finite(stage: str, params: Any) -> None:
             )
 
 
-def _init_state(stage: Stage, params, key, model_state) -> train.TrainState:
+def init_state(stage: Stage, params, key, model_state) -> train.TrainState:
     """:func:`mixjax.train.init_train_state` as one compiled program (k-means and mask
     initialization would otherwise compile op by op)."""
     init = lambda p, k, m: train.init_train_state(  # noqa: E731
@@ -225,16 +227,33 @@ def _restore(run: Run, directory: str, like: train.TrainState) -> tuple[Any, lis
     if not run.resume or not os.path.isdir(directory):
         return like, []
     for step in reversed(checkpoint.steps(directory)):
-        target = {"state": like, "history": np.zeros((step, len(_METRICS)), np.float32)}
         try:
-            saved = checkpoint.restore(directory, target, step=step)
+            return read_checkpoint(directory, like, step)
         except checkpoint.DamagedCheckpointError as err:
             aside = os.path.join(directory, f"{step}.damaged")
             os.replace(os.path.join(directory, str(step)), aside)
             warn(f"{err}; moved it to {aside!r} and resuming from the checkpoint before it")
-            continue
-        return saved["state"], _history(saved["history"])
     return like, []
+
+
+def read_checkpoint(
+    directory: str, like: train.TrainState, step: int
+) -> tuple[train.TrainState, list[dict[str, float]]]:
+    """The state and history of a stage's checkpoint of ``step`` in ``directory``.
+
+    Args:
+      directory: the stage's checkpoint directory (``<output>/checkpoints/<stage>``).
+      like: a state of the stage's structure (:func:`init_state` of its ``Stage``).
+      step: the checkpoint's step.
+
+    Raises:
+      ValueError: as :func:`mixjax.checkpoint.restore`: no checkpoint of ``step``, one that does
+        not match ``like`` (the first differing leaf named), or a damaged one
+        (:class:`mixjax.checkpoint.DamagedCheckpointError`).
+    """
+    target = {"state": like, "history": np.zeros((step, len(_METRICS)), np.float32)}
+    saved = checkpoint.restore(directory, target, step=step)
+    return saved["state"], _history(saved["history"])
 
 
 def _check_losses(stage: str, directory: str, first: int, metrics: Any) -> None:
@@ -342,7 +361,7 @@ def run_stage(run: Run, stage: Stage, params: Any, model_state: Any = None) -> R
     )
     if run.mesh is not None:
         step = parallel.data_parallel(step, run.mesh)
-    state = _init_state(stage, params, run.rng, model_state)
+    state = init_state(stage, params, run.rng, model_state)
     jax.block_until_ready(state)
     log(run.quiet, f"{stage.name}: initial state in {time.perf_counter() - tick:.1f} s")
     state, history, rate = _train(run, stage, state, step)

@@ -37,11 +37,20 @@ import jax.numpy as jnp
 
 from mixjax import _checks, schedules, select
 from mixjax import layout as layout_lib
-from mixjax.core import ParamTransform, multiples_of, update_when_due
+from mixjax.core import ParamTransform, multiples_of, never, update_when_due
 from mixjax.prune import selection, structures
 from mixjax.prune.structures import NM, UNSTRUCTURED, Block, Structure
 
-__all__ = ["SCOPES", "PruneState", "ScoreFn", "magnitude", "random", "saliency", "sparsify"]
+__all__ = [
+    "SCOPES",
+    "PruneState",
+    "ScoreFn",
+    "fixed",
+    "magnitude",
+    "random",
+    "saliency",
+    "sparsify",
+]
 
 SCOPES = ("uniform", "erk", "global")
 
@@ -190,21 +199,12 @@ def _pruner(
             return PruneState(ones)
         return PruneState(_new_masks_jit(rule, flat(params), params, ones, 0, None, key, level))
 
-    def check(params, state):
-        _checks.instance(fn_name, "state", state, PruneState, "a PruneState")
-        select.check_mirror_shapes(fn_name, params, state.masks, "mask")
-
     def apply_fn(params, state):
-        check(params, state)
-        return jax.tree.map(
-            lambda w, m: w if m is None else jnp.where(m, w, jnp.zeros((), w.dtype)),
-            params,
-            state.masks,
-        )
+        return _masked(fn_name, params, state)
 
     def update_fn(params, state, step, *, grads=None, **extra):
         del extra
-        check(params, state)
+        _check_state(fn_name, params, state)
         if needs_grads and grads is None:
             raise ValueError(f"{fn_name}: update needs grads= (the loss gradient w.r.t. params)")
         if grads is not None:
@@ -215,6 +215,56 @@ def _pruner(
         return update_when_due(due, step, refresh, state)
 
     return ParamTransform(init_fn, apply_fn, update_fn, apply_fn, due)
+
+
+def _check_state(fn_name: str, params: Any, state: Any) -> None:
+    _checks.instance(fn_name, "state", state, PruneState, "a PruneState")
+    select.check_mirror_shapes(fn_name, params, state.masks, "mask")
+
+
+def _masked(fn_name: str, params: Any, state: PruneState) -> Any:
+    """``params`` with the entries the masks drop set to zero (every pruner's ``apply``)."""
+    _check_state(fn_name, params, state)
+    return jax.tree.map(
+        lambda w, m: w if m is None else jnp.where(m, w, jnp.zeros((), w.dtype)),
+        params,
+        state.masks,
+    )
+
+
+def fixed(masks: Any) -> ParamTransform:
+    """Pruning with given masks that never change, e.g. those a one-shot method chose
+    (:func:`mixjax.oneshot.compress`), so fine-tuning keeps its sparsity pattern exactly.
+
+    Args:
+      masks: a mirror tree of the parameters (``None`` at unpruned leaves), a ``bool`` array of
+        the leaf's shape at each pruned leaf (``True`` = kept).
+
+    Returns:
+      A :class:`mixjax.ParamTransform` whose ``init`` returns ``PruneState(masks)`` (checked
+      against the params' structure and shapes), ``update`` the state as it is (``due`` is
+      :func:`mixjax.never`), ``apply`` and ``constrain`` as the other pruners'.
+
+    Raises:
+      ValueError (in ``init``): masks that do not mirror the params or have other shapes.
+    """
+    name = "mixjax.prune.fixed"
+    masks = jax.tree.map(lambda m: jnp.asarray(m, jnp.bool_), masks)
+
+    def init_fn(params):
+        state = PruneState(masks)
+        _check_state(name, params, state)
+        return state
+
+    def apply_fn(params, state):
+        return _masked(name, params, state)
+
+    def update_fn(params, state, step, **extra):
+        del step, extra
+        _check_state(name, params, state)
+        return state
+
+    return ParamTransform(init_fn, apply_fn, update_fn, apply_fn, never)
 
 
 def _magnitude_score(key, index, w, g):

@@ -2,8 +2,9 @@
 
 :func:`smallest` marks exactly the ``k`` smallest scores across one or more arrays without a
 sort (a two-pass radix select on the float bit patterns), so a leaf, or the whole tree for
-``scope="global"``, loses exactly ``round(sparsity * units)`` units; :func:`erk_sparsities`
-spreads a target sparsity over layers by the Erdős–Rényi-Kernel rule.
+``scope="global"``, loses exactly ``round(sparsity * units)`` units; :func:`lowest_per_column`
+marks the ``k`` lowest of each column (the one-shot pruners' per-output choice);
+:func:`erk_sparsities` spreads a target sparsity over layers by the Erdős–Rényi-Kernel rule.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["erk_sparsities", "smallest", "units_to_prune"]
+__all__ = ["erk_sparsities", "lowest_per_column", "smallest", "units_to_prune"]
 
 
 # Radix selection: the high 16 and low 15 bits of a non-negative float32's bit pattern.
@@ -84,6 +85,18 @@ def smallest(scores: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
         marked.append((b < kth) | (ties & (rank <= ties_needed)))
         offset = offset + jnp.sum(ties, dtype=jnp.int32)
     return marked
+
+
+def lowest_per_column(scores: jax.Array, k: int | jax.Array) -> jax.Array:
+    """Marks exactly the ``k`` lowest scores of each column of ``scores`` ``(R, C)`` (ties: the
+    lower row first; NaN counts as the highest), as a bool ``(R, C)`` array.
+
+    ``k`` may be traced (clipped to ``[0, R]``). A stable sort's ranks, so the count per column
+    is exact whatever the ties.
+    """
+    order = jnp.argsort(scores, axis=0, stable=True)
+    rank = jnp.argsort(order, axis=0)  # the inverse permutation: each entry's place
+    return rank < jnp.asarray(k, jnp.int32)
 
 
 def units_to_prune(sparsity: jax.Array, units: int) -> jax.Array:

@@ -12,7 +12,11 @@
   convolution of a model's parameters (linen or NNX) with observed ranges, and
   :func:`quantized_apply` for the training step;
 * :mod:`~mixjax.quant.observers`: min/max, EMA and percentile range observers;
-* :mod:`~mixjax.quant.ptq`: :func:`calibrate`, post-training activation ranges.
+* :mod:`~mixjax.quant.ptq`: :func:`calibrate`, post-training activation ranges;
+* :mod:`~mixjax.quant.layerwise`: one-shot weight quantization from calibration data,
+  :func:`gptq` (second order, GPTQ) and :func:`rtn` (round to nearest), methods for
+  :func:`mixjax.oneshot.compress`, and their per-layer solvers :func:`gptq_solve` /
+  :func:`rtn_solve`.
 """
 
 from mixjax.quant.activations import (
@@ -32,6 +36,7 @@ from mixjax.quant.grids import (
     quantize,
     quantize_dequantize,
 )
+from mixjax.quant.layerwise import gptq, gptq_solve, rtn, rtn_solve
 from mixjax.quant.learned import LsqState, lsq
 from mixjax.quant.observers import (
     Observer,
@@ -59,6 +64,8 @@ __all__ = [
     "expand_scale",
     "fake_quant",
     "fake_quantize",
+    "gptq",
+    "gptq_solve",
     "grid",
     "lsq",
     "minmax_observer",
@@ -67,4 +74,6 @@ __all__ = [
     "quantize",
     "quantize_dequantize",
     "quantized_apply",
+    "rtn",
+    "rtn_solve",
 ]

@@ -44,7 +44,7 @@ import numpy as np
 
 from mixjax import _checks, select
 from mixjax import layout as layout_lib
-from mixjax.core import ParamTransform, multiples_of, update_when_due
+from mixjax.core import ParamTransform, multiples_of, never, update_when_due
 from mixjax.layout import Layout
 from mixjax.quant.grids import SCALE_RULES, STE_RULES, fake_quantize, grid, qparams
 
@@ -264,6 +264,7 @@ def fake_quant(
     update_every: int = 1,
     where: select.Where = None,
     layouts: Any = None,
+    scales: FakeQuantState | None = None,
 ) -> ParamTransform:
     """Weight fake-quantization (quantize -> dequantize in ``apply``) as a ParamTransform.
 
@@ -302,6 +303,11 @@ def fake_quant(
         (with ``layouts``: the kernels a matmul or convolution consumes, not embedding tables).
       layouts: the tree of :class:`mixjax.layout.Layout` of the params
         (:func:`mixjax.layout.learn`), which says where each kernel's output features are.
+      scales: given scales that never change (e.g. those GPTQ chose: :mod:`mixjax.oneshot`):
+        ``init`` returns them (checked to have the shapes above; the leaves where
+        ``scales.scale`` is ``None`` are not quantized, whatever ``where`` says) and ``update``
+        keeps them (``due`` is :func:`mixjax.never`); fine-tuning then keeps the grid. ``None``
+        (default): scales from the weights' range, refreshed as above.
 
     Returns:
       A :class:`mixjax.ParamTransform` whose state is a :class:`FakeQuantState`; its ``adapt``
@@ -347,6 +353,10 @@ def fake_quant(
 
         def init_fn(params):
             found = layout_lib.by_path(name, params, layouts)
+            if scales is not None:
+                check_scales(name, params, scales.scale, blocks, found)
+                check_scales(name, params, scales.zero_point, blocks, found)
+                return scales
             chosen = selected_weights(name, params, where, per_channel, found, group_size)
             return state_of(params, chosen)
 
@@ -369,6 +379,8 @@ def fake_quant(
 
         def update_fn(params, state, step, **extra):
             del extra
+            if scales is not None:
+                return state
             chosen = jax.tree.map(lambda p, s: s is not None, params, state.scale)
             return update_when_due(due, step, lambda: state_of(params, chosen), state)
 
@@ -376,7 +388,7 @@ def fake_quant(
             init_fn,
             apply_fn,
             update_fn,
-            due=due,
+            due=never if scales is not None else due,
             adapt=lambda shared: build(blocks._replace(shared=dict(shared))),
         )
 
