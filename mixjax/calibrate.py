@@ -6,8 +6,8 @@ machinery of activation quantization and integer inference, so any linen or NNX 
 seen), and folds each selected layer's inputs into a :class:`LayerStats`, batch by batch: the
 activations themselves are never kept, and memory is bounded by the statistics of the layers
 asked for. :mod:`mixjax.oneshot` compresses layer by layer from them, with the per-layer
-solvers of :mod:`mixjax.quant.gptq`, :mod:`mixjax.prune.sparsegpt` and
-:mod:`mixjax.prune.wanda`, written against the types here.
+solvers of :mod:`mixjax.quant.layerwise`, :mod:`mixjax.prune.second_order` and
+:mod:`mixjax.prune.scored`, written against the types here.
 
 Every solver works on a layer's *matrix view* (:func:`matrix_layout`): the weight ``W`` of shape
 ``(K, O)``, its rows the input features (the contraction axes flattened, a conv's window axes
