@@ -43,11 +43,17 @@ asymmetric path evaluates ``zero_point and ...`` on an array (a ``ValueError``).
 statistics in one pass over the float model, and it skips layers with two contraction axes
 (the attention output projection), which it rounds to nearest instead. So the comparison rows
 are mixjax GPTQ symmetric, sequential and one-pass (``sequential=False``, qwix's schedule), on
-the same selection.
+the same selection. qwix has no int3 dtype, so its int3 row says so. Its GPTQ runs eagerly, one
+small op per column slice, and those ops compile on the first call in a process (over a minute,
+whatever the layers); the int4 row is that first call (mixjax's times include compiling too),
+and a warm rerun follows. ``--quick`` skips qwix for that reason.
 
 Goals (from the issue): at 50 %, SparseGPT and Wanda lose <= 1/3 of the perplexity magnitude
 loses; at 3 bits GPTQ loses <= 1/2 of what RTN loses; mixjax GPTQ is no worse than qwix's and no
 slower. For the image models the same ratios are computed on accuracy points lost.
+
+``--quick`` (a smoke run, about 3 minutes on 2 shared cores): 200 GPT-tiny and 300 image
+training steps, 32 calibration samples, the rows the goals read plus the joint one, no qwix.
 
 Trained parameters are cached in ``benchmarks/results/oneshot_cache/`` (one ``.npz`` per model,
 keyed by its step count and seed), so a re-run skips training; ``--retrain`` ignores the cache.
@@ -85,18 +91,17 @@ IMAGE_BATCH, IMAGE_PER_CALL = 128, 50
 IMAGE_LR = {"lenet5": 3e-3, "vit_tiny": 1e-3}
 CALIBRATION_BATCH = 16
 MODEL_NAMES = ("gpt_tiny", "lenet5", "vit_tiny")
-# --quick keeps the rows the goals read (and one of each other kind), and runs the qwix
-# comparison on GPT-tiny's first block only (qwix's eager GPTQ takes a minute or more for all).
+# --quick keeps the rows the goals read and the joint one, and skips qwix: its eager GPTQ
+# compiles one small op per column slice on its first call, over a minute whatever the layers.
 QUICK_ROWS = (
     "magnitude 50%",
     "Wanda 50%",
     "SparseGPT 50%",
-    "SparseGPT 2:4",
     "RTN int3",
     "GPTQ int3",
-    "GPTQ int4 g32 sym",
+    "SparseGPT 2:4 +",
 )
-BLOCKS, QUICK_BLOCKS = r"block\d+/", "block0/"
+BLOCKS = r"block\d+/"
 
 
 class Model(NamedTuple):
@@ -302,13 +307,10 @@ def variants(m: Model, quick: bool = False) -> list[tuple[str, Any, Any, bool]]:
     both = m.quant_where if m.nm_where is None else m.nm_where
     rows.append((f"SparseGPT 2:4 + int4 {grid}", joint, both, True))
     if m.name == "gpt_tiny":  # the rows matched to qwix's GPTQ: symmetric, and one pass
-        blocks = QUICK_BLOCKS if quick else BLOCKS
-        where = f"{blocks}.*/kernel"  # all blocks: the default selection
-        scope = "" if not quick else f" ({blocks} only)"
         for bits in (4, 3):
             sym = quant.gptq(bits, group_size=g, symmetric=True)
-            rows.append((f"GPTQ int{bits} {grid} sym{scope}", sym, where, True))
-            rows.append((f"GPTQ int{bits} {grid} sym, one pass{scope}", sym, where, False))
+            rows.append((f"GPTQ int{bits} {grid} sym", sym, None, True))
+            rows.append((f"GPTQ int{bits} {grid} sym, one pass", sym, None, False))
     if quick:
         rows = [r for r in rows if r[0].startswith(QUICK_ROWS)]
     return rows
@@ -371,18 +373,17 @@ def run_model(m: Model, quick: bool = False) -> list[dict]:
 # ------------------------------------------------------------------------------ qwix
 
 
-def qwix_rows(m: Model, val_score: Callable[[Any, Any], float], blocks: str) -> list[dict]:
-    """qwix's GPTQ on GPT-tiny's blocks (the regex ``blocks``) at int4 / int3 g32; a row that
-    cannot run says why."""
+def qwix_rows(m: Model, val_score: Callable[[Any, Any], float]) -> list[dict]:
+    """qwix's GPTQ on GPT-tiny at int4 (first call, then a warm rerun: qwix's eager ops are
+    compiled on the first) and int3, g32; a row that cannot run says why."""
     try:
         import qwix  # benchmark-only dependency
         from qwix.contrib import gptq as qwix_gptq
     except Exception as err:  # noqa: BLE001  (any import failure is recorded, not raised)
         return [{"variant": "qwix GPTQ", "unavailable": f"qwix does not import: {err!r}"}]
     rows = []
-    scope = "" if blocks == BLOCKS else f" ({blocks} only)"
-    for bits in (4, 3):
-        label = f"qwix GPTQ int{bits} g{m.group} sym{scope}"
+    for bits, rerun in ((4, False), (4, True), (3, False)):
+        label = f"qwix GPTQ int{bits} g{m.group} sym" + (", warm rerun" if rerun else "")
         try:  # qwix quantizes to JAX dtypes: int4 and int8 exist, int3 does not
             jnp.dtype(f"int{bits}")
         except TypeError as err:
@@ -392,7 +393,7 @@ def qwix_rows(m: Model, val_score: Callable[[Any, Any], float], blocks: str) -> 
         # symmetric: its asymmetric GPTQ path raises. The tied embedding (token_embed) stays
         # float, as in mixjax's default selection.
         rule = qwix_gptq.GptqRule(
-            module_path=f"{blocks}.*",
+            module_path=f"{BLOCKS}.*",
             weight_qtype=f"int{bits}",
             tile_size=m.group,
             weight_calibration_method="absmax",
@@ -422,7 +423,7 @@ def qwix_rows(m: Model, val_score: Callable[[Any, Any], float], blocks: str) -> 
                 "metric_integer": None,
                 "bytes": None,
                 "compress_s": seconds,
-                "where": f"{blocks}.* dot_general kernels",
+                "where": f"{BLOCKS}.* dot_general kernels",
             }
         )
         print(f"  {m.name}: {label}: {metric:.4f} in {seconds:.1f} s", flush=True)
@@ -511,6 +512,16 @@ def goals(name: str, rows: list[dict]) -> list[dict]:
                 if ours is None or theirs is None:
                     continue
                 what = f"mixjax GPTQ int{bits} sym{schedule}"
+                warm = _find(rows, f"qwix GPTQ int{bits} g32 sym, warm rerun")
+                if warm is not None:
+                    out.append(
+                        {
+                            "goal": f"{what} time <= qwix's warm rerun (info)",
+                            "value": ours["compress_s"],
+                            "qwix": warm["compress_s"],
+                            "met": bool(ours["compress_s"] <= warm["compress_s"]),
+                        }
+                    )
                 for key, noun in (("metric", "loss"), ("compress_s", "time")):
                     out.append(
                         {
@@ -560,7 +571,7 @@ def print_table(results: dict) -> None:
                 measured = f"{g['ratio']:.2f} ({g['lost']:+.3f} / {g['baseline_lost']:+.3f})"
                 limit = f"{g['limit']:.2f}"
             else:
-                form = ".1f" if g["goal"].endswith("time <= qwix's") else ".4f"
+                form = ".1f" if " time <= " in g["goal"] else ".4f"
                 measured = f"{g['value']:{form}} vs qwix {g['qwix']:{form}}"
                 limit = ""
             print(
@@ -602,7 +613,7 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--models", default=",".join(MODEL_NAMES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-qwix", action="store_true", help="skip qwix's GPTQ")
+    parser.add_argument("--no-qwix", action="store_true", help="skip qwix's GPTQ (--quick does)")
     parser.add_argument("--retrain", action="store_true", help="ignore the params cache")
     parser.add_argument(
         "--quick",
@@ -628,9 +639,8 @@ def main() -> None:
             m = image_model(name, args, image_steps, samples)
         print(f"{name}: trained in {m.train_s:.0f} s; compressing", flush=True)
         rows = run_model(m, args.quick)
-        if name == "gpt_tiny" and not args.no_qwix:
-            blocks = QUICK_BLOCKS if args.quick else BLOCKS
-            rows += qwix_rows(m, gpt_qwix_score(args, m), blocks)
+        if name == "gpt_tiny" and not (args.no_qwix or args.quick):
+            rows += qwix_rows(m, gpt_qwix_score(args, m))
         results[name] = {"rows": rows, "goals": goals(name, rows)}
         meta_models[name] = {
             "train_steps": steps if name == "gpt_tiny" else image_steps,
