@@ -55,8 +55,9 @@ slower. For the image models the same ratios are computed on accuracy points los
 ``--quick`` (a smoke run, about 3 minutes on 2 shared cores): 200 GPT-tiny and 300 image
 training steps, 32 calibration samples, the rows the goals read plus the joint one, no qwix.
 
-Trained parameters are cached in ``benchmarks/results/oneshot_cache/`` (one ``.npz`` per model,
-keyed by its step count and seed), so a re-run skips training; ``--retrain`` ignores the cache.
+Trained parameters are cached in ``benchmarks/results/oneshot_cache/`` (``--cache``; one
+``.npz`` per model, keyed by its step count and seed, git-ignored), so a re-run skips training;
+``--retrain`` ignores the cache.
 Prints one table and writes ``results/oneshot.json`` and the plot ``results/oneshot.png``.
 """
 
@@ -181,7 +182,7 @@ def gpt_tiny(args, steps: int, samples: int) -> Model | None:
     apply_fn = train.linen_apply(module, train_kwarg="train")
     tokens = jnp.zeros((1, lm.CONTEXT), jnp.int32)
     template = jax.eval_shape(module.init, jax.random.key(0), tokens)["params"]
-    path = os.path.join(CACHE, f"gpt_tiny-steps{steps}-seed{args.seed}.npz")
+    path = os.path.join(args.cache, f"gpt_tiny-steps{steps}-seed{args.seed}.npz")
     params, seconds = cached(
         path,
         template,
@@ -247,7 +248,7 @@ def image_model(name: str, args, steps: int, samples: int) -> Model:
             state, _ = step(state, group)
         return state.params
 
-    path = os.path.join(CACHE, f"{name}-steps{steps}-seed{args.seed}.npz")
+    path = os.path.join(args.cache, f"{name}-steps{steps}-seed{args.seed}.npz")
     params, seconds = cached(path, template, fit, args.retrain)
     rng = np.random.default_rng([args.seed, 2])
     chosen = data.normalize(train_set.images[rng.choice(len(train_set.labels), samples, False)])
@@ -615,6 +616,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-qwix", action="store_true", help="skip qwix's GPTQ (--quick does)")
     parser.add_argument("--retrain", action="store_true", help="ignore the params cache")
+    parser.add_argument("--cache", default=CACHE, help="where trained params are cached")
     parser.add_argument(
         "--quick",
         action="store_true",
