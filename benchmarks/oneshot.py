@@ -27,8 +27,10 @@ matmul or convolution consumes; embeddings, and so GPT-tiny's tied token embeddi
 
 Rows per model: dense; :func:`mixjax.prune.layer_magnitude`, :func:`mixjax.prune.wanda` and
 :func:`mixjax.prune.sparsegpt` at 50 % (per output feature) and 2:4; :func:`mixjax.quant.rtn` and
-:func:`mixjax.quant.gptq` at int4 and int3 in groups of 32 (min/max grid with zero points, the
-default); SparseGPT 2:4 jointly with int4 (``sparsegpt(NM(2, 4), bits=4, group_size=32)``).
+:func:`mixjax.quant.gptq` and :func:`mixjax.quant.awq` at int4 and int3 in groups of 32 (min/max
+grid with zero points, the default; AWQ's per-input-feature factors are stored beside the codes
+and fold into the dequantized kernel on the integer path); SparseGPT 2:4 jointly with int4
+(``sparsegpt(NM(2, 4), bits=4, group_size=32)``).
 Each row gives the bytes of its :func:`mixjax.export.compress` artifact (packed codes, masks and
 scales included) and, for the quantized ones, the metric again on the integer path
 (:func:`mixjax.export.integer_model` weight-only, the codes dequantized at each site), and the
@@ -100,6 +102,7 @@ QUICK_ROWS = (
     "SparseGPT 50%",
     "RTN int3",
     "GPTQ int3",
+    "AWQ int3",
     "SparseGPT 2:4 +",
 )
 BLOCKS = r"block\d+/"
@@ -304,6 +307,8 @@ def variants(m: Model, quick: bool = False) -> list[tuple[str, Any, Any, bool]]:
         rows.append((f"RTN int{bits} {grid}", quant.rtn(bits, group_size=g), m.quant_where, True))
         gptq = quant.gptq(bits, group_size=g)
         rows.append((f"GPTQ int{bits} {grid}", gptq, m.quant_where, True))
+        awq = quant.awq(bits, group_size=g)
+        rows.append((f"AWQ int{bits} {grid}", awq, m.quant_where, True))
     joint = prune.sparsegpt(nm, bits=4, group_size=g)
     both = m.quant_where if m.nm_where is None else m.nm_where
     rows.append((f"SparseGPT 2:4 + int4 {grid}", joint, both, True))
@@ -491,6 +496,13 @@ def goals(name: str, rows: list[dict]) -> list[dict]:
             1 / 3,
         )
     ratio("GPTQ int3 lost / RTN int3 lost", _find(rows, "GPTQ int3"), _find(rows, "RTN int3"), 0.5)
+    for bits in (3, 4):
+        ratio(
+            f"AWQ int{bits} lost / RTN int{bits} lost (info)",
+            _find(rows, f"AWQ int{bits}"),
+            _find(rows, f"RTN int{bits}"),
+            0.5,
+        )
     ratio(
         "GPTQ int4 lost / RTN int4 lost (info)",
         _find(rows, "GPTQ int4"),

@@ -84,12 +84,16 @@ class Solution(NamedTuple):
         method that does not quantize.
       zero_point: the integer-valued float32 zero points, ``scale``'s shape (zeros when
         symmetric), or ``None``.
+      input_scale: ``(K,)`` positive float32 factors per input feature (AWQ's): ``weight`` is
+        then ``quantize_dequantize(w / a) * a`` with ``a`` broadcast along the columns
+        (:attr:`mixjax.quant.FakeQuantState.input_scale`), else ``None``.
     """
 
     weight: jax.Array
     mask: jax.Array | None
     scale: jax.Array | None
     zero_point: jax.Array | None
+    input_scale: jax.Array | None = None
 
 
 class QuantSpec(NamedTuple):

@@ -210,7 +210,7 @@ def compress(
 
         groups = tqdm(groups, desc=f"{method.name}: layer groups")
     current = dict(flat)
-    masks, scales, zero_points, reports = {}, {}, {}, []
+    masks, scales, zero_points, input_scales, reports = {}, {}, {}, {}, []
     for group in groups:
         start = time.perf_counter()
         stats = {}
@@ -236,12 +236,16 @@ def compress(
                 to = scale_shape(leaf, True, found[path], spec.group_size)
                 scales[path] = layout_lib.from_matrix(solution.scale, views[path], to)
                 zero_points[path] = layout_lib.from_matrix(solution.zero_point, views[path], to)
+            if solution.input_scale is not None:
+                rows = tuple(1 if a in views[path].out else n for a, n in enumerate(shape))
+                factors = solution.input_scale[:, None]
+                input_scales[path] = layout_lib.from_matrix(factors, views[path], rows)
             error = float(_relative_error(w, solution.weight, stats[path])) if stats else np.nan
             sparsity = float(jnp.mean(solution.weight == 0))
             seconds = time.perf_counter() - t0 + passed / len(group)
             reports.append(LayerReport(path, tuple(w.shape), error, sparsity, seconds))
     new_params = _rebuild(params, current)
-    transform = _transform(method, params, layouts, masks, scales, zero_points)
+    transform = _transform(method, params, layouts, masks, scales, zero_points, input_scales)
     return OneShot(new_params, transform, transform.init(new_params), tuple(reports))
 
 
@@ -250,7 +254,7 @@ def _rebuild(params: Any, by_path: dict[str, Any]) -> Any:
     return jax.tree.unflatten(jax.tree.structure(params), [by_path[p] for p in paths])
 
 
-def _transform(method, params, layouts, masks, scales, zero_points) -> ParamTransform:
+def _transform(method, params, layouts, masks, scales, zero_points, input_scales) -> ParamTransform:
     """:func:`mixjax.prune.fixed` of the masks and/or :func:`mixjax.quant.fake_quant` with the
     scales, chained (prune first: the quantizer sees the zeros, which stay zero)."""
     paths = [p for p, _ in select.leaves_with_paths(params)]
@@ -270,7 +274,11 @@ def _transform(method, params, layouts, masks, scales, zero_points) -> ParamTran
                 narrow_range=spec.narrow_range,
                 scale="absmax" if spec.symmetric else "minmax",
                 layouts=layouts,
-                scales=FakeQuantState(mirror(scales), mirror(zero_points)),
+                scales=FakeQuantState(
+                    mirror(scales),
+                    mirror(zero_points),
+                    mirror(input_scales) if input_scales else None,
+                ),
             )
         )
     return parts[0] if len(parts) == 1 else chain(*parts)

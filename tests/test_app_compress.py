@@ -167,6 +167,37 @@ def test_wanda_with_bits_chains_round_to_nearest(float_run, tmp_path, capsys):
     assert 0.5 < report["accuracy_compressed"] <= 1.0
 
 
+def test_awq_with_a_skipped_layer_keeps_it_float(float_run, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    report, _ = _compress(
+        capsys, float_run, out, "--method", "awq", "--bits", "4", "--group-size", "4",
+        "--skip", "Dense_2",
+    )  # fmt: skip
+    assert report["oneshot"]["skip"] == "Dense_2" and report["oneshot"]["passes"] == ["awq"]
+    assert [r["path"] for r in report["oneshot_layers"]] == KERNELS[:2]
+    assert abs(report["accuracy_compressed"] - report["accuracy_float"]) <= 0.05
+    artifact = export.load(os.path.join(out, compress.ARTIFACT))
+    records = {leaf["path"]: leaf for leaf in artifact.leaves}
+    for path in KERNELS[:2]:  # int4 codes with AWQ's per-input-feature factors
+        assert records[path]["kind"] == "int" and records[path]["bits"] <= 4, path
+        factors = artifact.arrays[records[path]["input_scale"]]
+        assert factors.shape == (records[path]["shape"][0], 1) and np.all(factors > 0), path
+    assert records[KERNELS[2]]["kind"] == "array"  # skipped: stays float
+    head = np.asarray(artifact.params()["Dense_2"]["kernel"])
+    assert min(len(np.unique(column)) for column in head.T) > 16  # on no 4-bit grid
+    assert 0.5 < report["accuracy_integer"] <= 1.0
+
+
+def test_skip_that_matches_no_layer_is_an_error(float_run, tmp_path, capsys):
+    _error(
+        capsys,
+        ["compress", float_run, "--method", "rtn", "--bits", "4", "--skip", "Conv_9",
+         "--output", str(tmp_path / "o"), "--quiet"],
+        "--skip 'Conv_9' matches none of the layers",
+        "Dense_0/kernel",
+    )  # fmt: skip
+
+
 def test_output_rules_and_a_named_float_checkpoint(float_run, tmp_path, capsys):
     out = str(tmp_path / "out")
     argv = ["compress", float_run, "--method", "rtn", "--bits", "8", "--output", out, "--quiet"]
@@ -261,8 +292,8 @@ def test_group_size_that_does_not_divide_a_layer_names_it(float_run, tmp_path, c
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        (["--method", "awq", "--bits", "4"], "awq (activation-aware weight scaling) is not "
-         "implemented in mixjax yet"),
+        (["--method", "awq", "--bits", "4", "--skip", "(Dense"], "argument --skip: not a "
+         "regular expression"),
         (["--method", "obs"], "argument --method: invalid choice 'obs'"),
         (["--method", "gptq"], "--method gptq needs --bits"),
         (["--method", "rtn", "--bits", "9"], "argument --bits: must be in 2..8, got 9"),

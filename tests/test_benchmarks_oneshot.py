@@ -34,6 +34,7 @@ def test_goals_are_ratios_of_what_each_method_loses(bench):
         row("Wanda 50%", np.log(12.0)),  # 2 / 3
         row("RTN int3 g32", np.log(14.0)),  # loses 4
         row("GPTQ int3 g32", np.log(11.0)),  # 1 / 4
+        row("AWQ int3 g32", np.log(11.5)),  # 1.5 / 4
         row("GPTQ int3 g32 sym", 2.4, seconds=5.0),
         row("GPTQ int3 g32 sym, one pass", 2.3, seconds=1.0),
         row("qwix GPTQ int3 g32 sym", 2.35, seconds=60.0),
@@ -45,6 +46,8 @@ def test_goals_are_ratios_of_what_each_method_loses(bench):
     assert wanda["ratio"] == pytest.approx(2 / 3) and not wanda["met"]
     gptq = goals["GPTQ int3 lost / RTN int3 lost"]
     assert gptq["ratio"] == pytest.approx(0.25) and gptq["met"]
+    awq = goals["AWQ int3 lost / RTN int3 lost (info)"]
+    assert awq["ratio"] == pytest.approx(0.375) and awq["met"]
     assert not goals["mixjax GPTQ int3 sym loss <= qwix's"]["met"]  # 2.4 > 2.35
     assert goals["mixjax GPTQ int3 sym, one pass loss <= qwix's"]["met"]
     assert goals["mixjax GPTQ int3 sym time <= qwix's"]["met"]
@@ -84,6 +87,7 @@ def test_quick_run_of_lenet5_writes_its_table(bench, tmp_path, monkeypatch, caps
         "SparseGPT 50%",
         "RTN int3 per-channel",
         "GPTQ int3 per-channel",
+        "AWQ int3 per-channel",
         "SparseGPT 2:4 + int4 per-channel",
     }
     joint = rows["SparseGPT 2:4 + int4 per-channel"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +43,7 @@ _CHOICES = {
 _TYPES = {"int": int, "float": float, "str": str}
 # mixjax.app.compress.QUANTIZERS and PRUNERS (named here so a bad command line fails before JAX
 # is imported; a test keeps them equal).
-_QUANTIZERS = ("gptq", "rtn")
+_QUANTIZERS = ("gptq", "awq", "rtn")
 _PRUNERS = ("sparsegpt", "wanda", "magnitude")
 _SAMPLES = 128  # mixjax.app.compress.DEFAULT_SAMPLES
 
@@ -158,13 +159,13 @@ def _add_compress(commands: Any) -> None:
         "--method",
         required=True,
         metavar="METHOD",
-        help=f"one of {methods} (awq, activation-aware scaling, is not available yet)",
+        help=f"one of {methods}",
     )
     compress.add_argument(
         "--bits",
         type=int,
         metavar="B",
-        help="weight bits, 2..8: needed by gptq and rtn; optional for the pruning methods",
+        help="weight bits, 2..8: needed by gptq, awq and rtn; optional for the pruning methods",
     )
     compress.add_argument(
         "--sparsity",
@@ -178,6 +179,12 @@ def _add_compress(commands: Any) -> None:
         metavar="G",
         help="with --bits: one scale per G input rows of each layer (must divide every layer's "
         "inputs; default: one per output feature)",
+    )
+    compress.add_argument(
+        "--skip",
+        metavar="REGEX",
+        help="leave float the layers whose parameter path matches REGEX (e.g. 'Conv_0' for a "
+        "first conv whose inputs N:M does not divide)",
     )
     compress.add_argument(
         "--dataset",
@@ -348,11 +355,6 @@ def _sparsity(text: str | None) -> float | tuple[int, int] | None:
 def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
     """The command line of ``mixjax compress``, checked (before JAX is imported)."""
     method = args.method
-    if method == "awq":
-        raise UsageError(
-            "argument --method: awq (activation-aware weight scaling) is not implemented in "
-            f"mixjax yet; choose one of {', '.join((*_QUANTIZERS, *_PRUNERS))}"
-        )
     if method not in (*_QUANTIZERS, *_PRUNERS):
         raise UsageError(
             f"argument --method: invalid choice {method!r} (choose from "
@@ -380,11 +382,17 @@ def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(
             f"argument --calibration-samples: must be >= 1, got {args.calibration_samples}"
         )
+    if args.skip is not None:
+        try:
+            re.compile(args.skip)
+        except re.error as err:
+            raise UsageError(f"argument --skip: not a regular expression ({err})") from None
     return dict(
         method=method,
         bits=args.bits,
         sparsity=sparsity,
         group_size=args.group_size,
+        skip=args.skip,
         dataset=args.dataset,
         samples=args.calibration_samples,
         output=args.output,

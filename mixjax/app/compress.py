@@ -7,7 +7,8 @@ float checkpoint named by its path), rebuilds the model the configuration names
 run's dataset (or ``dataset``) and compresses the float parameters layer by layer with
 :func:`mixjax.oneshot.compress`, sequentially:
 
-* ``gptq`` / ``rtn``: :func:`mixjax.quant.gptq` / :func:`mixjax.quant.rtn` to ``bits``;
+* ``gptq`` / ``awq`` / ``rtn``: :func:`mixjax.quant.gptq` / :func:`mixjax.quant.awq` /
+  :func:`mixjax.quant.rtn` to ``bits``;
 * ``sparsegpt``: :func:`mixjax.prune.sparsegpt` (with ``bits``: joint pruning and quantization);
 * ``wanda`` / ``magnitude``: :func:`mixjax.prune.wanda` / :func:`mixjax.prune.layer_magnitude`;
   with ``bits``, a second pass rounds the pruned weights to nearest (:func:`mixjax.quant.rtn`)
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from typing import Any
 
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixjax import checkpoint, core, data, export, layout, oneshot, prune, quant, train
+from mixjax import checkpoint, core, data, export, layout, oneshot, prune, quant, select, train
 from mixjax.app import common, evaluate, lm, plots, rundir, stages
 from mixjax.app import config as config_lib
 from mixjax.app.rundir import ARTIFACT, CHECKPOINTS, REPORT, RUN_FILE
@@ -55,7 +57,7 @@ __all__ = [
     "run",
 ]
 
-QUANTIZERS = ("gptq", "rtn")
+QUANTIZERS = ("gptq", "awq", "rtn")
 PRUNERS = ("sparsegpt", "wanda", "magnitude")
 METHODS = (*QUANTIZERS, *PRUNERS)
 DEFAULT_SAMPLES = 128
@@ -179,6 +181,8 @@ def methods(
     rtn = [quant.rtn(bits, group_size=group_size)] if bits is not None else []
     if method == "gptq":
         return [quant.gptq(bits, group_size=group_size)]
+    if method == "awq":
+        return [quant.awq(bits, group_size=group_size)]
     if method == "rtn":
         return rtn
     if method == "sparsegpt":
@@ -190,14 +194,43 @@ def methods(
     raise ValueError(f"{_NAME}: method must be one of {METHODS}, got {method!r}")
 
 
-def _oneshot(passes, fn, params, batches, layouts, progress) -> tuple[oneshot.OneShot, list]:
+def _where(skip: str | None, params: Any, layouts: Any) -> Any:
+    """The ``where=`` of the layers to compress: every matmul / convolution kernel (the default
+    of :func:`mixjax.oneshot.compress`) but those whose path ``skip`` (a regex) matches.
+
+    Raises:
+      ValueError: ``skip`` matches none of those layers (the message lists them).
+    """
+    if skip is None:
+        return None
+    found = layout.by_path(_NAME, params, layouts)
+    kernels = [
+        p
+        for p, leaf in select.leaves_with_paths(params)
+        if select.is_floating(leaf) and getattr(found[p], "kind", None) in ("dense", "conv")
+    ]
+    pattern = re.compile(skip)
+    kept = {p for p in kernels if not pattern.search(p)}
+    if len(kept) == len(kernels):
+        raise ValueError(f"{_NAME}: --skip {skip!r} matches none of the layers {kernels}")
+    return lambda path, leaf: path in kept
+
+
+def _oneshot(passes, fn, params, batches, layouts, where, progress):
     """Runs the passes one after the other, each on the params the one before it left; the
     transforms chained. Returns the result and ``(method name, layer report)`` pairs."""
     results = []
     for method in passes:
         results.append(
             oneshot.compress(
-                method, fn, params, batches, layouts=layouts, sequential=True, progress=progress
+                method,
+                fn,
+                params,
+                batches,
+                where=where,
+                layouts=layouts,
+                sequential=True,
+                progress=progress,
             )
         )
         params = results[-1].params
@@ -253,6 +286,7 @@ def run(
     bits: int | None = None,
     sparsity: float | tuple[int, int] | None = None,
     group_size: int | None = None,
+    skip: str | None = None,
     dataset: str | None = None,
     samples: int = DEFAULT_SAMPLES,
     output: str | None = None,
@@ -266,9 +300,12 @@ def run(
       source: a ``mixjax run`` output directory whose float stage finished, or a float-stage
         checkpoint path (:func:`locate`).
       method: one of :data:`METHODS`.
-      bits: weight bits (2..8): required by ``gptq`` and ``rtn``, optional for the pruners.
+      bits: weight bits (2..8): required by ``gptq``, ``awq`` and ``rtn``, optional for the
+        pruners.
       sparsity: a fraction in ``[0, 1)`` or ``(n, m)`` for ``n:m``, for the pruners.
       group_size: rows per quantization scale (with ``bits``), or ``None``: one per output feature.
+      skip: a regex on leaf paths: the layers it matches stay float (e.g. a first conv whose
+        inputs N:M does not divide); ``None``: every matmul and convolution kernel.
       dataset: the calibration and evaluation dataset (default: the run's).
       samples: calibration images (or text windows), ``>= 1``.
       output: the output directory (default: ``<run dir>-<method>`` beside the run).
@@ -345,7 +382,10 @@ def run(
     )
     tick = time.perf_counter()
     layouts = layout.learn(fn, state.params, probe)
-    result, layers = _oneshot(passes, fn, state.params, batches, layouts, progress and not quiet)
+    where = _where(skip, state.params, layouts)
+    result, layers = _oneshot(
+        passes, fn, state.params, batches, layouts, where, progress and not quiet
+    )
     oneshot_s = time.perf_counter() - tick
     tick = time.perf_counter()
     scores_float = task.score(train.make_eval_step(net.apply_fn, preprocess=task.preprocess), state)
@@ -418,6 +458,7 @@ def run(
         "bits": bits,
         "sparsity": f"{pattern.n}:{pattern.m}" if isinstance(pattern, prune.NM) else pattern,
         "group_size": group_size,
+        "skip": skip,
         "dataset": cfg.data.dataset,
         "calibration_samples": len(x),
         "calibration_batch_size": cfg.compress.batch_size,

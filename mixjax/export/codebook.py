@@ -229,7 +229,10 @@ def _values_record(
 def _group_axes(shape: tuple[int, ...], grid: Any) -> tuple[int, ...] | None:
     """The output axes whose entries get their own values: ``()`` (one codebook) without a grid
     or on a per-tensor one, the axes a per-channel scale keeps; ``None`` (no codebook) on a
-    group-wise grid, whose values no single scale per group could hold."""
+    group-wise grid, whose values no single scale per group could hold (nor on a grid with
+    per-input-feature factors)."""
+    if grid is not None and grid.input_scale is not None:
+        return None
     if grid is None or grid.scale.size == 1:
         return ()
     padded = (1,) * (len(shape) - grid.scale.ndim) + grid.scale.shape

@@ -95,11 +95,14 @@ class IntWeight(NamedTuple):
       scale: float32, compact (block-broadcast against ``codes``,
         :func:`mixjax.quant.grids.expand_scale`).
       zero_point: int32 of ``scale``'s shape.
+      input_scale: float32 factors per input feature (AWQ's; values ``(codes - zero_point) *
+        scale * input_scale``), the leaf's shape with 1 on its output axes, or ``None``.
     """
 
     codes: jax.Array
     scale: jax.Array
     zero_point: jax.Array
+    input_scale: jax.Array | None = None
 
 
 class IntSite(NamedTuple):
@@ -292,7 +295,9 @@ def _weight(record: records.Record, arrays: dict[str, np.ndarray]) -> tuple[IntW
             f"(shape {t.scale.shape}); the artifact is damaged"
         )
     codes = t.q.astype(np.int8 if bits <= 8 else np.int16)
-    return IntWeight(jnp.asarray(codes), jnp.asarray(t.scale), jnp.asarray(t.zero_point)), bits
+    factors = None if t.input_scale is None else jnp.asarray(t.input_scale)
+    weight = IntWeight(jnp.asarray(codes), jnp.asarray(t.scale), jnp.asarray(t.zero_point), factors)
+    return weight, bits
 
 
 def _way(site, weight, bits, record, inputs, out_ndim) -> tuple[str, str, IntSite]:
@@ -304,9 +309,11 @@ def _way(site, weight, bits, record, inputs, out_ndim) -> tuple[str, str, IntSit
     if not site.chain.exact:
         return "float", "a value-changing op transforms the kernel before it is used", plain
     label = f"int{bits}{_group_label(weight)}"
+    dequantized = f"{label} {DEQUANTIZED}"
+    if weight.input_scale is not None:
+        return dequantized, "per-input-feature (AWQ) scales fold into the kernel", plain
     if site.kind == "embedding" and not site.chain.steps:
         return f"{label} {LOOKUP}", "", plain
-    dequantized = f"{label} {DEQUANTIZED}"
     if site.kind == "embedding":
         return dequantized, "the table is reshaped before the lookup", plain
     if inputs is None:

@@ -43,7 +43,10 @@ def _dequantized(weight: IntWeight, dtype: Any) -> jax.Array:
     values = weight.codes.astype(jnp.int32) - grids.expand_scale(
         weight.zero_point, weight.codes.shape
     )
-    return (values.astype(jnp.float32) * scale).astype(dtype)
+    values = values.astype(jnp.float32) * scale
+    if weight.input_scale is not None:
+        values = values * weight.input_scale
+    return values.astype(dtype)
 
 
 def _keepdims(x: Any, ndim: int) -> jax.Array:

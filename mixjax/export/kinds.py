@@ -41,10 +41,13 @@ CANDIDATES: tuple[Candidate, ...] = (codebook.encode_codebook, codebook.encode_s
 
 
 def _fake_quant_encoders(state: FakeQuantState, fn_name: str) -> Any:
+    nothing = jax.tree.map(lambda _: None, state.scale, is_leaf=lambda x: x is None)
+    factors = nothing if state.input_scale is None else state.input_scale
     return jax.tree.map(
-        lambda s, z: None if s is None else records.int_encoder(s, z, fn_name=fn_name),
+        lambda s, z, a: None if s is None else records.int_encoder(s, z, a, fn_name=fn_name),
         state.scale,
         state.zero_point,
+        factors,
         is_leaf=lambda x: x is None,
     )
 

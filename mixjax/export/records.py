@@ -14,8 +14,11 @@ is :mod:`mixjax.export.kinds`:
   broadcast of ``shape`` (:func:`mixjax.quant.expand_scale`: each axis 1, the leaf's size, or a
   proper divisor of it for one scale per group of consecutive entries, e.g. ``(n / 32, C)`` for
   int4 groups of 32), stored compact; ``"zero_point"`` int32 of that shape, or ``null`` when
-  all zero. ``bits`` is the fewest that hold the leaf's codes (at most the grid's:
-  int8 for 8-bit quantization, two codes per byte for 4-bit).
+  all zero; ``"input_scale"`` (optional, AWQ's per-input-feature factors,
+  :attr:`mixjax.quant.FakeQuantState.input_scale`) float32, a broadcast of ``shape`` with 1 on
+  the output axes: then ``float = (q - zero_point) * scale * input_scale``. ``bits`` is the
+  fewest that hold the leaf's codes (at most the grid's: int8 for 8-bit quantization, two codes
+  per byte for 4-bit).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "encode_array",
     "field",
     "int_encoder",
+    "int_values",
     "record_arrays",
     "record_nbytes",
     "shape_dtype",
@@ -68,11 +72,14 @@ class IntTensor(NamedTuple):
         group-wise ``(n / g, C)``), to expand with :func:`mixjax.quant.expand_scale` before it
         meets ``q`` (:func:`decode_int_values` does).
       zero_point: int32 of ``scale``'s shape (compact too).
+      input_scale: float32 factors per input feature (the leaf's shape with 1 on the output
+        axes; values ``(q - zero_point) * scale * input_scale``), or ``None``.
     """
 
     q: np.ndarray
     scale: np.ndarray
     zero_point: np.ndarray
+    input_scale: np.ndarray | None = None
 
 
 def field(record: Record, key: str, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -143,16 +150,30 @@ def decode_int(record: Record, arrays: Mapping[str, np.ndarray]) -> IntTensor:
             f"scale {scale.shape} does not block-broadcast against shape {shape} (each axis "
             "must be 1, the leaf's size or a divisor of it)"
         ) from None
-    return IntTensor(q, scale, zero_point)
+    factors = None
+    if record.get("input_scale") is not None:
+        factors = field(record, "input_scale", arrays)
+        if factors.dtype != np.float32 or factors.ndim != len(shape):
+            raise ValueError(f"input_scale must be float32 of rank {len(shape)}")
+        if any(d not in (1, n) for d, n in zip(factors.shape, shape, strict=True)):
+            raise ValueError(f"input_scale {factors.shape} does not broadcast against {shape}")
+        if not np.all(np.isfinite(factors) & (factors > 0)):
+            raise ValueError("input_scale holds values that are not finite and positive")
+    return IntTensor(q, scale, zero_point, factors)
+
+
+def int_values(t: IntTensor) -> np.ndarray:
+    """``(q - zero_point) * scale`` (``* input_scale`` where there is one) as float32, in the
+    order of operations the fake-quant view uses (bit for bit)."""
+    scale, zero_point = (expand_scale(a, t.q.shape) for a in (t.scale, t.zero_point))
+    values = (t.q.astype(np.int32) - zero_point).astype(np.float32) * scale
+    return values if t.input_scale is None else values * t.input_scale
 
 
 def decode_int_values(record: Record, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """The float leaf of an ``"int"`` record: ``(q - zero_point) * scale`` in its dtype."""
     _, dtype = shape_dtype(record)
-    t = decode_int(record, arrays)
-    scale, zero_point = (expand_scale(a, t.q.shape) for a in (t.scale, t.zero_point))
-    values = (t.q.astype(np.int32) - zero_point).astype(np.float32) * scale
-    return values.astype(dtype)
+    return int_values(decode_int(record, arrays)).astype(dtype)
 
 
 def decode_array(record: Record, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -216,13 +237,17 @@ def _min_bits(lo: int, hi: int) -> tuple[int, bool]:
     return max(int(-lo - 1).bit_length(), int(hi).bit_length()) + 1, True
 
 
-def int_encoder(scale: Any, zero_point: Any = None, *, fn_name: str) -> LeafEncoder:
+def int_encoder(
+    scale: Any, zero_point: Any = None, input_scale: Any = None, *, fn_name: str
+) -> LeafEncoder:
     """An encoder for a leaf on the grid ``(q - zero_point) * scale`` (see the module docstring).
 
     Args:
       scale: the grid's float32 scale, a block broadcast of the leaf (group-wise scales
         included), stored as it is (compact).
       zero_point: its integer zero point (of ``scale``'s shape), ``None`` for 0.
+      input_scale: per-input-feature factors (the grid ``(q - zero_point) * scale *
+        input_scale``), or ``None``.
       fn_name: the public function the encoder works for (``"mixjax.export.compress"``), which
         its errors name.
 
@@ -233,6 +258,7 @@ def int_encoder(scale: Any, zero_point: Any = None, *, fn_name: str) -> LeafEnco
     scale = np.maximum(np.asarray(scale, np.float32), np.float32(TINY))
     zp = np.zeros(scale.shape, np.int32) if zero_point is None else np.asarray(zero_point)
     zp = zp.astype(np.int32)
+    factors = None if input_scale is None else np.asarray(input_scale, np.float32)
 
     def encode(path, leaf, store):
         where = select.describe(path, leaf)
@@ -240,10 +266,11 @@ def int_encoder(scale: Any, zero_point: Any = None, *, fn_name: str) -> LeafEnco
             raise ValueError(f"{fn_name}: {where} holds NaN/Inf values")
         try:
             s, z = expand_scale(scale, leaf.shape), expand_scale(zp, leaf.shape)
+            a = np.float32(1.0) if factors is None else np.broadcast_to(factors, leaf.shape)
         except ValueError as err:
             raise ValueError(f"{fn_name}: {where}: {err}") from None
-        q = np.round(leaf.astype(np.float64) / s).astype(np.int64) + z
-        back = (q - z).astype(np.float32) * s
+        q = np.round(leaf.astype(np.float64) / (s.astype(np.float64) * a)).astype(np.int64) + z
+        back = int_values(IntTensor(q, scale, zp, factors))
         if not np.array_equal(back.astype(leaf.dtype), leaf):
             raise ValueError(
                 f"{fn_name}: {where} is not on the integer grid of its "
@@ -263,6 +290,7 @@ def int_encoder(scale: Any, zero_point: Any = None, *, fn_name: str) -> LeafEnco
             "codes": store(codes),
             "scale": store(scale),
             "zero_point": store(zp) if np.any(zp) else None,
+            **({} if factors is None else {"input_scale": store(factors)}),
         }
 
     return encode

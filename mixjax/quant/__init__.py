@@ -16,9 +16,12 @@
 * :mod:`~mixjax.quant.layerwise`: one-shot weight quantization from calibration data,
   :func:`gptq` (second order, GPTQ) and :func:`rtn` (round to nearest), methods for
   :func:`mixjax.oneshot.compress`, and their per-layer solvers :func:`gptq_solve` /
-  :func:`rtn_solve`.
+  :func:`rtn_solve`;
+* :mod:`~mixjax.quant.activation_aware`: :func:`awq` (activation-aware scales per input
+  feature, then a clipping search) and its solver :func:`awq_solve`.
 """
 
+from mixjax.quant.activation_aware import awq, awq_solve
 from mixjax.quant.activations import (
     OUTPUT,
     ActivationQuant,
@@ -58,6 +61,8 @@ __all__ = [
     "ObserverState",
     "QuantizedApply",
     "activation_quant",
+    "awq",
+    "awq_solve",
     "calibrate",
     "dequantize",
     "ema_observer",

@@ -30,7 +30,16 @@ from mixjax.calibrate import LayerStats, Method, QuantSpec, Solution
 from mixjax.quant.grids import expand_scale, qparams, quantize_dequantize
 from mixjax.quant.weights import weight_range
 
-__all__ = ["gptq", "gptq_solve", "group_qparams", "rtn", "rtn_solve"]
+__all__ = [
+    "check_layer",
+    "check_spec",
+    "gptq",
+    "gptq_solve",
+    "group_qparams",
+    "on_grid",
+    "rtn",
+    "rtn_solve",
+]
 
 
 def check_spec(fn_name: str, spec: QuantSpec, k: int | None = None) -> QuantSpec:
@@ -69,7 +78,9 @@ def on_grid(w: jax.Array, scale: jax.Array, zero_point: jax.Array, spec: QuantSp
     )
 
 
-def _check_layer(fn_name: str, w: jax.Array, gram: jax.Array | None) -> None:
+def check_layer(fn_name: str, w: jax.Array, gram: jax.Array | None) -> None:
+    """Raises ``ValueError`` unless ``w`` is a ``(K, O)`` matrix and ``gram`` (if given)
+    ``(K, K)``."""
     if w.ndim != 2:
         raise ValueError(f"{fn_name}: the weight must be a (K, O) matrix, got shape {w.shape}")
     if gram is not None and tuple(gram.shape) != (w.shape[0], w.shape[0]):
@@ -90,7 +101,7 @@ def rtn_solve(w: jax.Array, spec: QuantSpec) -> Solution:
       ValueError: ``spec.group_size`` does not divide ``K``; a bad ``spec``.
     """
     name = "mixjax.quant.rtn_solve"
-    _check_layer(name, w, None)
+    check_layer(name, w, None)
     spec = check_spec(name, spec, w.shape[0])
     w = jnp.asarray(w, jnp.float32)
     groups = 1 if spec.group_size is None else w.shape[0] // spec.group_size
@@ -130,7 +141,7 @@ def gptq_solve(
         options.
     """
     name = "mixjax.quant.gptq_solve"
-    _check_layer(name, w, gram)
+    check_layer(name, w, gram)
     spec = check_spec(name, spec, w.shape[0])
     act_order = _checks.boolean(name, "act_order", act_order)
     damp = _checks.real(name, "damp", damp, 0.0, low_open=True)

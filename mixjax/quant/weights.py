@@ -29,7 +29,10 @@ Where the scales go (:func:`scale_shape`, a block broadcast of the leaf:
   block shapes' sizes): every member of a shared block then has the same scale, so equal values
   stay equal and a 16-cluster kernel keeps at most 16 values (per block), all on the integer
   grid. Clustered per tensor, such a leaf has one scale ``()`` even with ``per_channel=True``;
-  clustered per output feature, the per-channel shape (group-wise scales coarsen to it).
+  clustered per output feature, the per-channel shape (group-wise scales coarsen to it);
+* per input feature as well (given scales only: :attr:`FakeQuantState.input_scale`, AWQ's):
+  each value is ``(q - zero_point) * scale * a`` with ``a`` per entry of the contraction, so the
+  scale of a weight is the product of its group's and its input feature's.
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ __all__ = [
     "check_group_size",
     "check_scales",
     "fake_quant",
+    "fake_quantize_scaled",
     "group_axis",
+    "input_scales",
     "scale_shape",
     "selected_weights",
     "weight_range",
@@ -71,10 +76,17 @@ class FakeQuantState(NamedTuple):
         leaf's shape with ``n / g`` on the :func:`group_axis` for ``group_size=g``, ``()`` per
         tensor (and for leaves clustered per tensor before it in a chain).
       zero_point: mirror tree like ``scale``: float32 integer values (zeros when symmetric).
+      input_scale: ``None``, or (given scales only, e.g. AWQ's: :func:`mixjax.quant.awq`) a
+        mirror tree of float32 factors per input feature: the leaf's shape with 1 on its output
+        axes (``(n, 1)`` for an ``(n, C)`` kernel, ``(h, w, in, 1)`` for a conv), ``None`` at
+        leaves without. The view is then ``fake_quantize(x / a, scale, zero_point) * a``: the
+        integer codes are those of ``x / a`` and each value is ``(q - zero_point) * scale * a``,
+        so a layer computes ``(inputs * a) @ ((q - zero_point) * scale)``.
     """
 
     scale: Any
     zero_point: Any
+    input_scale: Any = None
 
 
 def group_axis(leaf: Any, layout: Layout | None = None) -> int:
@@ -241,6 +253,58 @@ def check_scales(
     )
 
 
+def input_scales(
+    fn_name: str,
+    params: Any,
+    state: FakeQuantState,
+    layouts: dict[str, Layout | None] | None = None,
+) -> Any:
+    """``state.input_scale`` as a mirror tree of ``params`` (``None`` leaves where there is none),
+    checked: each factor has its leaf's shape with 1 on the output axes
+    (:func:`mixjax.layout.out_axes`), and (where concrete) is finite and positive.
+
+    Raises:
+      ValueError: a factor tree that does not mirror ``params``; a factor at a leaf without a
+        scale, of another shape, or not finite and positive (named with the leaf).
+    """
+    if state.input_scale is None:
+        return jax.tree.map(lambda _: None, params)
+    select.check_mirror(fn_name, params, state.input_scale, "state.input_scale")
+
+    def check(kp, x, a, s):
+        if a is None:
+            return
+        path = select.path_str(kp)
+        where = select.describe(path, x)
+        if s is None:
+            raise ValueError(f"{fn_name}: {where} has an input scale but no scale")
+        out = layout_lib.out_axes(x, None if layouts is None else layouts[path])
+        expected = tuple(1 if axis in out else n for axis, n in enumerate(np.shape(x)))
+        if tuple(jnp.shape(a)) != expected:
+            raise ValueError(
+                f"{fn_name}: {where}: input scale of shape {tuple(jnp.shape(a))}, expected "
+                f"{expected} (the leaf's shape with 1 on its output axes)"
+            )
+        if not isinstance(a, jax.core.Tracer) and not np.all(np.isfinite(a) & (np.asarray(a) > 0)):
+            raise ValueError(f"{fn_name}: {where}: input scales must be finite and positive")
+
+    jax.tree_util.tree_map_with_path(check, params, state.input_scale, state.scale)
+    return state.input_scale
+
+
+def fake_quantize_scaled(
+    x: jax.Array, scale: Any, zero_point: Any, input_scale: Any, g: Any, *, ste: str
+) -> jax.Array:
+    """``fake_quantize`` of ``x`` with fixed (gradient-stopped) scales; with an ``input_scale``
+    ``a`` (:class:`FakeQuantState`), ``fake_quantize(x / a) * a`` (its gradient is the STE's:
+    the factors cancel)."""
+    scale, zero_point = jax.lax.stop_gradient(scale), jax.lax.stop_gradient(zero_point)
+    if input_scale is None:
+        return fake_quantize(x, scale, zero_point, g, ste=ste)
+    a = jax.lax.stop_gradient(jnp.asarray(input_scale, jnp.float32))
+    return (fake_quantize(x / a, scale, zero_point, g, ste=ste) * a).astype(x.dtype)
+
+
 def check_group_size(fn_name: str, group_size: int | None, per_channel: bool) -> int | None:
     """``group_size``, checked: ``None`` or an integer ``>= 1``, only with ``per_channel``."""
     group_size = _checks.integer(fn_name, "group_size", group_size, 1, optional=True)
@@ -306,8 +370,9 @@ def fake_quant(
       scales: given scales that never change (e.g. those GPTQ chose: :mod:`mixjax.oneshot`):
         ``init`` returns them (checked to have the shapes above; the leaves where
         ``scales.scale`` is ``None`` are not quantized, whatever ``where`` says) and ``update``
-        keeps them (``due`` is :func:`mixjax.never`); fine-tuning then keeps the grid. ``None``
-        (default): scales from the weights' range, refreshed as above.
+        keeps them (``due`` is :func:`mixjax.never`); fine-tuning then keeps the grid. Its
+        ``input_scale`` (AWQ's per-input-feature factors, :class:`FakeQuantState`) is kept too.
+        ``None`` (default): scales from the weights' range, refreshed as above.
 
     Returns:
       A :class:`mixjax.ParamTransform` whose state is a :class:`FakeQuantState`; its ``adapt``
@@ -356,6 +421,7 @@ def fake_quant(
             if scales is not None:
                 check_scales(name, params, scales.scale, blocks, found)
                 check_scales(name, params, scales.zero_point, blocks, found)
+                input_scales(name, params, scales, found)
                 return scales
             chosen = selected_weights(name, params, where, per_channel, found, group_size)
             return state_of(params, chosen)
@@ -364,17 +430,13 @@ def fake_quant(
             _checks.instance(name, "state", state, FakeQuantState, "a FakeQuantState")
             found = layout_lib.by_path(name, params, layouts)
             check_scales(name, params, state.scale, blocks, found)
+            factors = input_scales(name, params, state, found)
             return jax.tree.map(
-                lambda x, s, z: (
-                    x
-                    if s is None
-                    else fake_quantize(
-                        x, jax.lax.stop_gradient(s), jax.lax.stop_gradient(z), g, ste=ste
-                    )
-                ),
+                lambda x, s, z, a: x if s is None else fake_quantize_scaled(x, s, z, a, g, ste=ste),
                 params,
                 state.scale,
                 state.zero_point,
+                factors,
             )
 
         def update_fn(params, state, step, **extra):
