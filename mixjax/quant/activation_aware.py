@@ -166,7 +166,11 @@ def awq(
     """AWQ one-shot quantization, for :func:`mixjax.oneshot.compress` (module docstring).
 
     Args:
-      bits, group_size, symmetric, narrow_range: the grid, as :func:`mixjax.quant.gptq`'s.
+      bits: integer width of the grid, as :func:`mixjax.quant.gptq`'s.
+      group_size: input features per scale along the contraction axis (``None``: one per
+        output feature).
+      symmetric: a zero-centred grid (no zero point).
+      narrow_range: drop the most negative code of a symmetric grid.
       grid_points: candidate exponents of the activation magnitudes, ``>= 1`` (1: round to
         nearest, with the clip search).
       clip: also search a range shrink per group and output feature.
