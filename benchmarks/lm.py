@@ -81,6 +81,14 @@ def load_corpus(path):
     return data.load_text(source, "train"), data.load_text(source, "val")
 
 
+def gpt_tiny(vocab_size):
+    """GPT-tiny at this benchmark's size: ``(module, apply_fn, tokens)``, the linen module, its
+    :func:`mixjax.train.linen_apply` and an example ``(1, CONTEXT)`` int32 input."""
+    module = models.GPTTiny(vocab_size, context=CONTEXT)
+    apply_fn = train.linen_apply(module, train_kwarg="train")
+    return module, apply_fn, jnp.zeros((1, CONTEXT), jnp.int32)
+
+
 def train_dense(train_set, steps, *, seed=0):
     """GPT-tiny trained dense on ``train_set`` for ``steps`` steps (the recipe of the module
     docstring; ``seed`` picks the initialization, ``seed + 1`` the state key, ``seed`` the data
@@ -91,9 +99,7 @@ def train_dense(train_set, steps, *, seed=0):
       :func:`mixjax.train.linen_apply`, the trained :class:`mixjax.train.TrainState` and the
       training wall time.
     """
-    module = models.GPTTiny(len(train_set.vocab), context=CONTEXT)
-    apply_fn = train.linen_apply(module, train_kwarg="train")
-    tokens = jnp.zeros((1, CONTEXT), jnp.int32)
+    module, apply_fn, tokens = gpt_tiny(len(train_set.vocab))
     params = jax.jit(module.init)(jax.random.key(seed), tokens)["params"]
     schedule = optax.cosine_decay_schedule(1e-3, steps, alpha=0.1)
     tx = optax.adamw(schedule, weight_decay=0.1)

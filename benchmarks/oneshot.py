@@ -181,9 +181,7 @@ def gpt_tiny(args, steps: int, samples: int) -> Model | None:
         print(f"benchmarks/oneshot.py: {args.data} is missing; GPT-tiny skipped")
         return None
     train_set, val = lm.load_corpus(args.data)
-    module = models.GPTTiny(len(train_set.vocab), context=lm.CONTEXT)
-    apply_fn = train.linen_apply(module, train_kwarg="train")
-    tokens = jnp.zeros((1, lm.CONTEXT), jnp.int32)
+    module, apply_fn, tokens = lm.gpt_tiny(len(train_set.vocab))
     template = jax.eval_shape(module.init, jax.random.key(0), tokens)["params"]
     path = os.path.join(args.cache, f"gpt_tiny-steps{steps}-seed{args.seed}.npz")
     params, seconds = cached(

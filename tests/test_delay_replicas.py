@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import replica_setup
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -31,26 +32,10 @@ def test_suite_on_8_cpu_devices():
     assert " passed" in forced_devices.rerun(__file__, DEVICES)
 
 
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Dense(16)(x.reshape((x.shape[0], -1))))
-        return nn.Dense(4)(x)
-
-
 @pytest.fixture(scope="module")
 def setup():
-    module = MLP()
-    params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))["params"]
-    rng = np.random.default_rng(0)
-    batches = [
-        {
-            "image": rng.random((BATCH, 4, 4, 1), np.float32),
-            "label": rng.integers(0, 4, BATCH).astype(np.int32),
-        }
-        for _ in range(STEPS)
-    ]
-    apply_fn = train.linen_apply(module)
+    base = replica_setup.mlp_setup(STEPS, BATCH)
+    params, apply_fn = base["params"], base["apply_fn"]
 
     @jax.jit
     def replica_grads(params, images, labels):
@@ -72,9 +57,7 @@ def setup():
         )
         return jax.jit(make)()
 
-    return dict(
-        params=params, batches=batches, apply_fn=apply_fn, init=init, replica_grads=replica_grads
-    )
+    return dict(**base, init=init, replica_grads=replica_grads)
 
 
 def run(step, state, batches):

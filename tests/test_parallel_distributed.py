@@ -4,8 +4,6 @@ Every multi-process run happens in subprocesses with wall-clock timeouts, so a b
 fails the test instead of hanging CI.
 """
 
-import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import processes
 import pytest
 
 from mixjax import parallel
@@ -100,44 +99,11 @@ DYING_WORKER = WORKER.split("parallel.initialize(")[0] + textwrap.dedent(
 HEARTBEAT_S = 3
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_env(coordinator, num, pid):
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "MIXJAX_COORDINATOR": coordinator,
-        "MIXJAX_NUM_PROCESSES": str(num),
-        "MIXJAX_PROCESS_ID": str(pid),
-    }
-
-
 def test_two_processes_match_one(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    coordinator = f"127.0.0.1:{free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / f"out{pid}.npz")],
-            env=worker_env(coordinator, 2, pid),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for pid in range(2)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=150)[0])
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    procs = processes.launch_group(script, [tmp_path / f"out{pid}.npz" for pid in range(2)])
+    processes.finish(procs, timeout=150)
 
     scope = {}
     exec(SETUP, scope)
@@ -161,17 +127,11 @@ def test_dead_process_fails_the_survivor_in_bounded_time(tmp_path):
     script.write_text(DYING_WORKER.replace("HEARTBEAT_S", str(HEARTBEAT_S)))
     runs = {}
     for dies in (1, 0):
-        coordinator, died_at = f"127.0.0.1:{free_port()}", tmp_path / f"died_at{dies}"
+        coordinator, died_at = f"127.0.0.1:{processes.free_port()}", tmp_path / f"died_at{dies}"
         runs[dies] = (
             died_at,
             [
-                subprocess.Popen(
-                    [sys.executable, str(script), str(dies), str(died_at)],
-                    env=worker_env(coordinator, 2, pid),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
+                processes.launch([script, dies, died_at], processes.worker_env(coordinator, 2, pid))
                 for pid in range(2)
             ],
         )
@@ -198,11 +158,11 @@ def test_dead_process_fails_the_survivor_in_bounded_time(tmp_path):
 def test_unreachable_coordinator_fails_in_bounded_time():
     code = (
         "from mixjax import parallel\n"
-        f"parallel.initialize('127.0.0.1:{free_port()}', 2, 1, timeout_s=3)\n"
+        f"parallel.initialize('127.0.0.1:{processes.free_port()}', 2, 1, timeout_s=3)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env=processes.worker_env(None),
         capture_output=True,
         text=True,
         timeout=90,

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from mixjax import _checks
 from mixjax.core import ParamTransform, identity
@@ -57,15 +57,14 @@ from mixjax.delay.fifo import (
     stale_step,
     update_once_started,
 )
-from mixjax.parallel.mesh import DATA, put, shard_batch
+from mixjax.parallel.mesh import DATA
 from mixjax.parallel.per_replica import (
     check_axis_name,
     check_mesh,
     check_train_step,
+    per_replica_step,
     replica_body,
-    signature,
 )
-from mixjax.parallel.steps import _renamed, _spec  # bind axis_name as shard_map_step does
 from mixjax.train.apply import ApplyFn
 from mixjax.train.losses import softmax_cross_entropy
 from mixjax.train.step import Step, make_train_step
@@ -372,8 +371,6 @@ def async_data_parallel(
     steps_per_call = step.steps_per_call
     body = replica_body(step.pure, local_grads=True, axis_name=axis_name)
     replicas = mesh.shape[DATA]
-    inner_mesh = _renamed(mesh, axis_name)
-    compiled: dict[tuple, tuple[Any, Callable]] = {}
 
     def check_state(state):
         found = find_replica_states(getattr(state, "opt_state", None))
@@ -390,29 +387,12 @@ def async_data_parallel(
                 f"len(taus)={min(rows)} for a mesh whose {DATA!r} axis has {replicas} replicas"
             )
 
-    def wrapped(state, batch):
-        key = signature(state)
-        if key not in compiled:
-            check_state(state)
-            specs = replica_specs(state, axis_name)
-            mapped = jax.shard_map(
-                body,
-                mesh=inner_mesh,
-                in_specs=(specs, _spec(steps_per_call, axis_name)),
-                out_specs=(specs, PartitionSpec()),
-                check_vma=False,
-            )
-            # On the caller's mesh, whatever axis_name, so the next call's put is a no-op.
-            shardings = jax.tree.map(
-                lambda s: NamedSharding(mesh, s),
-                replica_specs(state),
-                is_leaf=lambda x: isinstance(x, PartitionSpec),
-            )
-            out = (shardings, NamedSharding(mesh, PartitionSpec()))
-            jitted = jax.jit(mapped, out_shardings=out, donate_argnums=(0,) if donate else ())
-            compiled[key] = (shardings, jitted)
-        shardings, jitted = compiled[key]
-        batch = shard_batch(batch, mesh, steps_per_call=steps_per_call)
-        return jitted(put(state, shardings), batch)
-
-    return wrapped
+    return per_replica_step(
+        body,
+        mesh,
+        specs=replica_specs,
+        check_state=check_state,
+        steps_per_call=steps_per_call,
+        donate=donate,
+        axis_name=axis_name,
+    )

@@ -12,7 +12,9 @@ decided by the model it was built with, known before anything is traced:
 
 :func:`check_train_step` checks that (and that the step is a ``TrainStep``), :func:`replica_body`
 gives each replica its own randomness and averages the metrics, and :func:`signature` keys the
-compiled steps a wrapper caches per state structure. The replica axis is ``"data"`` unless the
+compiled steps a wrapper caches per state structure, and :func:`per_replica_step` is the
+``shard_map`` + ``jit`` + cache of the wrappers whose replicas keep state of their own. The
+replica axis is ``"data"`` unless the
 model's collectives use another name (a BatchNorm's ``axis_name``): the synchronous wrappers
 take ``axis_name=`` (:func:`check_axis_name`), and ``replica_apply`` must average over it.
 """
@@ -28,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixjax import _checks
-from mixjax.parallel.mesh import DATA
+from mixjax.parallel.mesh import DATA, put, shard_batch
 from mixjax.train.apply import ApplyFn
-from mixjax.train.step import TrainStep
+from mixjax.train.step import Step, TrainStep
 
 __all__ = [
     "ReplicaApply",
@@ -41,7 +43,10 @@ __all__ = [
     "check_mesh",
     "check_train_step",
     "mean_floats",
+    "per_replica_step",
+    "renamed_mesh",
     "replica_apply",
+    "replica_batch_spec",
     "replica_body",
     "signature",
 ]
@@ -245,3 +250,74 @@ def replica_body(pure: Callable, *, local_grads: bool = False, axis_name: str = 
         return new_state._replace(rng=rng), lax.pmean(metrics, axis_name)
 
     return body
+
+
+def renamed_mesh(mesh: Mesh, axis_name: str) -> Mesh:
+    """``mesh`` with its ``"data"`` axis called ``axis_name`` (same devices, same layout)."""
+    if axis_name == DATA:
+        return mesh
+    names = tuple(axis_name if n == DATA else n for n in mesh.axis_names)
+    return Mesh(mesh.devices, names, axis_types=mesh.axis_types)
+
+
+def replica_batch_spec(steps_per_call: int, axis_name: str) -> PartitionSpec:
+    """The batch's spec inside the step: examples (axis 1 when ``steps_per_call > 1``) split
+    over ``axis_name``."""
+    return PartitionSpec(axis_name) if steps_per_call == 1 else PartitionSpec(None, axis_name)
+
+
+def per_replica_step(
+    body: Callable,
+    mesh: Mesh,
+    *,
+    specs: Callable[[Any, str], Any],
+    check_state: Callable[[Any], None],
+    steps_per_call: int,
+    donate: bool,
+    axis_name: str,
+) -> Step:
+    """``body`` mapped over the replicas with ``jax.shard_map``, jitted once per state structure.
+
+    Args:
+      body: ``body(state, batch) -> (state, metrics)`` for one replica (:func:`replica_body`),
+        its state blocks as ``specs`` splits them, its metrics replicated.
+      mesh: the caller's mesh; inside the step its ``"data"`` axis is called ``axis_name``.
+      specs: ``specs(state, name)``: the ``PartitionSpec`` tree of the state with the replica
+        axis called ``name`` (the step uses ``axis_name`` inside and ``"data"`` for the state's
+        shardings on ``mesh``, so the next call's placement is a no-op).
+      check_state: raises for a state the step cannot run, called before compiling for it.
+      steps_per_call: the batch's leading step axis (``K > 1``) or none (``K = 1``).
+      donate: donate the state's buffers.
+      axis_name: the replica axis's name inside the step.
+
+    Returns:
+      ``step(state, batch) -> (state, metrics)``: ``batch`` this process's part, split over
+      ``"data"`` by :func:`mixjax.parallel.shard_batch`.
+    """
+    inner_mesh = renamed_mesh(mesh, axis_name)
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    compiled: dict[tuple, tuple[Any, Callable]] = {}
+
+    def wrapped(state, batch):
+        key = signature(state)
+        if key not in compiled:
+            check_state(state)
+            inner = specs(state, axis_name)
+            mapped = jax.shard_map(
+                body,
+                mesh=inner_mesh,
+                in_specs=(inner, replica_batch_spec(steps_per_call, axis_name)),
+                out_specs=(inner, PartitionSpec()),
+                check_vma=False,
+            )
+            shardings = jax.tree.map(
+                lambda s: NamedSharding(mesh, s), specs(state, DATA), is_leaf=is_spec
+            )
+            out = (shardings, NamedSharding(mesh, PartitionSpec()))
+            jitted = jax.jit(mapped, out_shardings=out, donate_argnums=(0,) if donate else ())
+            compiled[key] = (shardings, jitted)
+        shardings, jitted = compiled[key]
+        batch = shard_batch(batch, mesh, steps_per_call=steps_per_call)
+        return jitted(put(state, shardings), batch)
+
+    return wrapped

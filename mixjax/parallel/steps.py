@@ -71,6 +71,8 @@ from mixjax.parallel.per_replica import (
     check_axis_name,
     check_mesh,
     check_train_step,
+    renamed_mesh,
+    replica_batch_spec,
     replica_body,
     signature,
 )
@@ -140,18 +142,6 @@ def data_parallel(step: TrainStep, mesh: Mesh, *, rules: Rules = (), axis_name: 
     return wrapped
 
 
-def _renamed(mesh: Mesh, axis_name: str) -> Mesh:
-    """``mesh`` with its ``"data"`` axis called ``axis_name`` (same devices, same layout)."""
-    if axis_name == DATA:
-        return mesh
-    names = tuple(axis_name if n == DATA else n for n in mesh.axis_names)
-    return Mesh(mesh.devices, names, axis_types=mesh.axis_types)
-
-
-def _spec(steps_per_call: int, axis_name: str) -> PartitionSpec:
-    return PartitionSpec(axis_name) if steps_per_call == 1 else PartitionSpec(None, axis_name)
-
-
 def shard_map_step(step: TrainStep, mesh: Mesh, *, axis_name: str = DATA) -> Step:
     """The step as explicit per-replica SPMD code: ``jax.shard_map`` over ``"data"``.
 
@@ -185,8 +175,8 @@ def shard_map_step(step: TrainStep, mesh: Mesh, *, axis_name: str = DATA) -> Ste
     steps_per_call, donate = step.steps_per_call, step.donate
     mapped = jax.shard_map(
         replica_body(step.pure, axis_name=axis_name),
-        mesh=_renamed(mesh, axis_name),
-        in_specs=(PartitionSpec(), _spec(steps_per_call, axis_name)),
+        mesh=renamed_mesh(mesh, axis_name),
+        in_specs=(PartitionSpec(), replica_batch_spec(steps_per_call, axis_name)),
         out_specs=(PartitionSpec(), PartitionSpec()),
         check_vma=False,
     )
