@@ -568,6 +568,15 @@ def test_a_compressor_that_cannot_encode_a_leaf_raises_at_init(setup):
         )
 
 
+def test_a_sync_larger_than_the_byte_counter_raises_at_init():
+    half = jax.ShapeDtypeStruct((2**28,), jnp.float32)  # 1 GiB each, never allocated
+    params = {"a": half, "b": half}
+    with pytest.raises(ValueError, match=r"fragment 0 of 1 sends 2147483648 bytes .* int32"):
+        jax.eval_shape(delay.diloco(optax.sgd(0.1), sync_every=2).init, params)
+    state = jax.eval_shape(delay.diloco(optax.sgd(0.1), sync_every=2, fragments=2).init, params)
+    assert state.outer_params["a"].shape == half.shape
+
+
 def test_update_outside_shard_map_and_without_params_raise(setup):
     tx = delay.diloco(optax.sgd(0.1), sync_every=2)
     state = tx.init(setup["params"])

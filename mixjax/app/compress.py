@@ -316,9 +316,10 @@ def run(
       The report written as ``report.json``: ``task``; for images ``accuracy_float`` (the float
       checkpoint re-evaluated), ``accuracy_compressed`` (the artifact, activations
       fake-quantized with the calibrated ranges, as ``mixjax eval``), ``accuracy_integer``,
-      ``accuracy_float_activations`` (the compressed weights alone), ``inference_ms`` and
-      ``inference_speedup_integer``; for language models ``val_loss_float``,
-      ``val_loss_compressed``, ``perplexity_*`` and ``vocab_size``; then, as ``mixjax run``,
+      ``accuracy_float_activations`` (the compressed weights alone), ``inference_ms``,
+      ``inference_speedup_integer`` and ``integer_sites_markdown`` (how each site ran); for
+      language models ``val_loss_float``, ``val_loss_compressed``, ``perplexity_*`` and
+      ``vocab_size``; then, as ``mixjax run``,
       ``bytes_dense``, ``bytes_compressed``, ``compression_ratio``, ``stages``, ``layers``,
       ``layers_markdown``, ``history`` (the float stage's), ``plots``, ``config`` (the run's,
       with this dataset and output), ``timings_s`` and ``environment``; and ``oneshot`` (the
@@ -429,7 +430,8 @@ def run(
             "vocab_size": len(train_set.vocab),
         }
     else:
-        fns = evaluate.forwards(loaded)
+        int_model = evaluate.integer_model(loaded, batch=min(256, len(held_out.labels)))
+        fns = evaluate.forwards(loaded, int_model=int_model)
         scores = evaluate.evaluate(loaded, held_out, fns=fns)
         speed = evaluate.time_integer(fns, held_out.images)
         accuracy = {
@@ -448,6 +450,7 @@ def run(
             "accuracy_float_activations": scores["accuracy_float_activations"],
             "inference_speedup_integer": speed["speedup"],
             "inference_ms": {"float": speed["float_ms"], "integer": speed["integer_ms"]},
+            "integer_sites_markdown": export.integer_table(int_model),
         }
     report.update(common.report({"float": float_result}, loaded, bytes_dense, rows, tick))
     report["timings_s"] = {"load": loaded_s, "oneshot": oneshot_s, **report["timings_s"]}

@@ -33,6 +33,7 @@ __all__ = [
     "NORMALIZE",
     "evaluate",
     "forwards",
+    "integer_model",
     "metadata",
     "time_integer",
 ]
@@ -211,11 +212,31 @@ def _model(artifact: export.Artifact) -> tuple[Any, Any, quant.ActivationQuant, 
     return model, artifact.params(), act, act_state, prep
 
 
-def forwards(artifact: export.Artifact) -> dict[str, Any]:
+def _apply(artifact: export.Artifact, model: Any) -> Any:
+    model_state = artifact.model_state()
+    return lambda p, x: model.apply({"params": p, **model_state}, x)
+
+
+def integer_model(artifact: export.Artifact, *, batch: int = 256) -> export.IntModel:
+    """The artifact's :func:`mixjax.export.integer_model`, each int8-capable site on the kernel
+    measured faster at ``batch`` images (``kernels="measure"``; the table says which and why).
+
+    Raises:
+      ValueError: as :func:`forwards`.
+    """
+    model, _, act, act_state, _ = _model(artifact)
+    example = jax.ShapeDtypeStruct((batch, *artifact.metadata["input_shape"]), jnp.float32)
+    return export.integer_model(
+        _apply(artifact, model), artifact, example, act=act, act_state=act_state, kernels="measure"
+    )
+
+
+def forwards(artifact: export.Artifact, *, int_model: export.IntModel | None = None) -> dict:
     """Jitted ``images -> logits`` forwards of the artifact's model on raw ``(N, H, W, C)``
     images (preprocessed inside): ``"float"`` (float activations), ``"compressed"``
     (activations fake-quantized with the stored ranges) and ``"integer"``
-    (:func:`mixjax.export.integer_apply`, run as its per-site table says).
+    (:func:`mixjax.export.integer_apply` with ``int_model``, default :func:`integer_model` at
+    256 images).
 
     The metadata is validated first, and the artifact's leaves (paths and shapes) are compared
     with the parameters of the model it names (``jax.eval_shape`` of its ``init``).
@@ -227,10 +248,8 @@ def forwards(artifact: export.Artifact) -> dict[str, Any]:
         or a leaf differs from the model's parameters, naming it with both shapes.
     """
     model, params, act, act_state, prep = _model(artifact)
-    model_state = artifact.model_state()
-    fn = lambda p, x: model.apply({"params": p, **model_state}, x)  # noqa: E731
-    example = jax.ShapeDtypeStruct((1, *artifact.metadata["input_shape"]), jnp.float32)
-    int_model = export.integer_model(fn, artifact, example, act=act, act_state=act_state)
+    fn = _apply(artifact, model)
+    int_model = integer_model(artifact) if int_model is None else int_model
     norm = lambda x: data.normalize(x, **prep)  # noqa: E731
     return {
         "float": jax.jit(lambda x: fn(params, norm(x))),

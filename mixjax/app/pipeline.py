@@ -126,7 +126,8 @@ def _report(results, pruned_bytes, loaded, test_set, tick) -> dict[str, Any]:
     """The report of a finished run (see :func:`run`), without its plots and the entries of
     :func:`mixjax.app.common.finish`."""
     dense, pruned = results["float"], results["prune"]
-    fns = evaluate.forwards(loaded)
+    int_model = evaluate.integer_model(loaded, batch=min(256, len(test_set.labels)))
+    fns = evaluate.forwards(loaded, int_model=int_model)
     scores = evaluate.evaluate(loaded, test_set, fns=fns)
     speed = evaluate.time_integer(fns, test_set.images)
     bytes_dense = common.dense_bytes(dense.state.params, dense.state.model_state)
@@ -149,6 +150,7 @@ def _report(results, pruned_bytes, loaded, test_set, tick) -> dict[str, Any]:
         **common.report(results, loaded, bytes_dense, rows, tick),
         "inference_speedup_integer": speed["speedup"],
         "inference_ms": {"float": speed["float_ms"], "integer": speed["integer_ms"]},
+        "integer_sites_markdown": export.integer_table(int_model),
     }
 
 

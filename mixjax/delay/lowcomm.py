@@ -183,7 +183,8 @@ def diloco(
         ``outer_delay`` outside ``[0, H)``, compensation without an outer delay, a bad
         ``fragments`` or ``compress``.
       ValueError (``init``): fragments that do not partition the leaves; a compressor that
-        cannot encode a selected leaf (named with its path and shape).
+        cannot encode a selected leaf (named with its path and shape); a fragment whose sync
+        sends ``2**31`` bytes or more (the int32 ``bytes_sent`` counter).
       ValueError (``update``): no ``params``; a call outside a ``shard_map`` over
         ``axis_name``.
     """
@@ -212,6 +213,14 @@ def diloco(
     def layout(params):
         members = streaming.partition(_NAME, params, spec)
         plans = messages.plan_leaves(_NAME, params, compress, where)
+        for f, run in enumerate(members):
+            nbytes = sum(plans[i].nbytes for i in run)
+            if nbytes >= 2**31:
+                raise ValueError(
+                    f"{_NAME}: fragment {f} of {len(members)} sends {nbytes} bytes at its sync, "
+                    "more than the int32 bytes_sent counter holds (< 2**31); use more fragments "
+                    "or compress= so that each sync sends less"
+                )
         return members, plans
 
     def init_fn(params):

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixjax import _intercept, _markdown
+from mixjax import _checks, _intercept, _markdown
 from mixjax.export import kinds, records
 from mixjax.export.artifact import Artifact
 from mixjax.quant import grids
@@ -56,6 +56,7 @@ from mixjax.quant.observers import ObserverState
 __all__ = [
     "DEQUANTIZED",
     "INT8",
+    "KERNELS",
     "LOOKUP",
     "InputQuant",
     "IntModel",
@@ -70,6 +71,7 @@ _PREPARE = "mixjax.export.integer_model"
 INT8 = "int8 x int8 -> int32"
 DEQUANTIZED = "weights dequantized"
 LOOKUP = "table lookup"
+KERNELS = ("measure", "int8", "dequantized")
 
 
 class InputQuant(NamedTuple):
@@ -326,6 +328,46 @@ def _way(site, weight, bits, record, inputs, out_ndim) -> tuple[str, str, IntSit
     return INT8, "", factors
 
 
+def _measure(fn, params, args, int_model, capable, rounds) -> IntModel:
+    """``int_model`` with each group of int8-capable sites (``capable``: ``(row index, shape
+    key, dequantized way)``) on the way that makes the whole model faster: greedily, from all
+    dequantized, one group at a time switched to int8 and kept where the timed forward drops."""
+    # integer_run runs the model and imports this module's types, hence the late import.
+    from mixjax.export.integer_run import time_models
+
+    groups: dict[Any, list[tuple[int, str]]] = {}
+    for i, key, dequantized in capable:
+        groups.setdefault(key, []).append((i, dequantized))
+    notes: dict[Any, str] = {}
+
+    def with_int8(chosen, reasons=False):  # reasons at the end: another table recompiles
+        rows = list(int_model.table)
+        for key, members in groups.items():
+            for i, dequantized in members:
+                way = INT8 if key in chosen else dequantized
+                rows[i] = rows[i]._replace(way=way, why=notes[key] if reasons else "")
+        return int_model._replace(table=tuple(rows))
+
+    chosen: set = set()
+    for key in groups:
+        without, with_ = time_models(
+            fn, params, args, [with_int8(chosen), with_int8({*chosen, key})], rounds
+        )
+        if with_ < without:
+            chosen.add(key)
+        notes[key] = (
+            f"measured: model {1e3 * with_:.3f} ms with int8 here, {1e3 * without:.3f} ms without"
+        )
+    measured = with_int8(chosen, reasons=True)
+    plain = {
+        measured.table[i].site: IntSite(int_model.sites[measured.table[i].site].inputs, None, None)
+        for members in groups.values()
+        for i, _ in members
+        if measured.table[i].way != INT8
+    }
+    return measured._replace(sites={**int_model.sites, **plain})
+
+
 def _group_label(weight: IntWeight) -> str:
     """``" g32"`` for scales in groups of 32 along an axis, ``""`` otherwise."""
     shape = np.shape(weight.scale)
@@ -341,8 +383,21 @@ def integer_model(
     act: ActivationQuant | None = None,
     act_state: dict[str, ObserverState] | None = None,
     like: Any = None,
+    kernels: str = "int8",
+    rounds: int = 7,
 ) -> IntModel:
     """Prepares integer inference of ``fn`` from an artifact (module docstring).
+
+    Where a site can run int8 x int8 -> int32, ``kernels`` chooses between that and its
+    integer weights dequantized into the site's float op (the input fake-quantized alike):
+    both equal the fake-quant forward up to float32 rounding, and neither changes the
+    artifact. ``"measure"`` times the whole model (:func:`integer_apply`, jitted, on random
+    inputs of the shapes of ``args``: give an example of the batch size you will run): from
+    every such site dequantized, each group of sites of the same shapes and dimension numbers
+    is switched to int8 in turn and kept so where the model runs faster; the table's ``why``
+    gives both times. (XLA:CPU's int8 convolutions mostly lose to its float ones while some
+    int8 matmuls win, by margins that depend on the shapes and on what XLA fuses around them,
+    so a site timed alone mispredicts.)
 
     Args:
       fn: the model, ``fn(params, *args)``, e.g. ``lambda p, x: module.apply({"params": p}, x)``
@@ -354,12 +409,19 @@ def integer_model(
       act_state: its calibrated (or QAT-trained) observer state (with ``act``).
       like: the params' tree structure ``fn`` takes, when the artifact does not hold it (a
         loaded artifact of an ``nnx.State``; :meth:`mixjax.export.Artifact.params`).
+      kernels: ``"int8"`` (int8 wherever possible, the default), ``"measure"`` (int8 where it
+        makes the model faster, timed here) or ``"dequantized"`` (never int8).
+      rounds: timing rounds per comparison (``"measure"``), at least 1.
 
     Raises:
-      ValueError: activation bits above 8; ``act`` without ``act_state``; an observer that has
+      ValueError: an unknown ``kernels``, ``rounds < 1``; activation bits above 8; ``act``
+        without ``act_state``; an observer that has
         seen nothing (run calibration first); observers of sites the model does not have; a
         damaged artifact record (the message names the leaf); a model that rejects ``args``.
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"{_PREPARE}: kernels must be one of {KERNELS}, got {kernels!r}")
+    rounds = _checks.integer(_PREPARE, "rounds", rounds, 1)
     if (act is None) != (act_state is None):
         raise ValueError(f"{_PREPARE}: give act and act_state together (or neither)")
     act_state = dict(act_state or {})
@@ -393,7 +455,7 @@ def integer_model(
             f"{sorted(found)}); was it made by act.init on this model?"
         )
     by_path = {leaf["path"]: leaf for leaf in artifact.leaves}
-    weights, sites, rows, loaded = {}, {}, [], {}
+    weights, sites, rows, loaded, capable = {}, {}, [], {}, []
     for site in traced.sites:
         record = by_path.get(site.path)
         if site.path not in loaded:
@@ -402,6 +464,17 @@ def integer_model(
         obs = act_state.get(site.name)
         inputs = None if obs is None else _input_quant(act, obs)
         way, why, int_site = _way(site, weight, bits, record, inputs, found[site.name])
+        if way == INT8 and kernels != "int8":
+            dequantized = f"int{bits}{_group_label(weight)} {DEQUANTIZED}"
+            if kernels == "dequantized":
+                way, why, int_site = (
+                    dequantized,
+                    "kernels='dequantized'",
+                    IntSite(inputs, None, None),
+                )
+            else:
+                key = (site.kind, str(site.eqn.params), tuple(str(v.aval) for v in site.eqn.invars))
+                capable.append((len(rows), key, dequantized))
         if way != "float":
             weights[site.path] = weight
         sites[site.name] = int_site
@@ -414,6 +487,9 @@ def integer_model(
     if floats:
         warnings.warn(f"{_PREPARE}: these run in float: {floats}", stacklevel=2)
     output = act_state.get(OUTPUT)
-    return IntModel(
+    int_model = IntModel(
         weights, sites, None if output is None else _input_quant(act, output), tuple(rows)
     )
+    if capable:
+        int_model = _measure(fn, params, args, int_model, capable, rounds)
+    return int_model
