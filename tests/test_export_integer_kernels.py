@@ -10,7 +10,7 @@ import pytest
 from test_export_integer import CNN, MLP, check_close, data, pipeline
 
 from mixjax import export
-from mixjax.export import integer, integer_run
+from mixjax.export import integer, integer_choice
 
 
 def int32_matmuls(p, int_model, x):
@@ -65,7 +65,7 @@ def test_measure_keeps_int8_where_the_model_gets_faster_one_shape_group_at_a_tim
         calls.append((without, with_, rounds))
         return [0.002, 0.001] if int8_faster else [0.001, 0.002]
 
-    monkeypatch.setattr(integer_run, "time_models", fake_times)
+    monkeypatch.setattr(integer_choice, "time_models", fake_times)
     int_model = export.integer_model(
         p.fn, p.artifact, x, act=p.act, act_state=p.astate, kernels="measure", rounds=3
     )
@@ -90,7 +90,7 @@ def test_model_timer_gives_one_positive_time_per_model():
     p = pipeline(MLP(), x)
     models = [p.int_model(), p.int_model()]
     shapes = jax.ShapeDtypeStruct(x.shape, x.dtype)  # only shapes are needed
-    seconds = integer_run.time_models(p.fn, p.artifact.params(), (shapes,), models, 2)
+    seconds = integer_choice.time_models(p.fn, p.artifact.params(), (shapes,), models, 2)
     assert len(seconds) == 2 and all(np.isfinite(s) and s > 0 for s in seconds)
 
 

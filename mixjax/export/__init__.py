@@ -15,7 +15,8 @@ integer inference.
 * :mod:`~mixjax.export.integer` and :mod:`~mixjax.export.integer_run`: :func:`integer_model` and
   :func:`integer_apply`, every matmul,
   convolution and lookup of a model's integer weights (linen or NNX) as int8 x int8 -> int32,
-  dequantized integer weights or integer table lookups, with the per-site :func:`integer_table`.
+  dequantized integer weights or integer table lookups, with the per-site :func:`integer_table`;
+  :mod:`~mixjax.export.integer_choice`: which sites run int8, chosen by timing the model.
 """
 
 from mixjax.export.artifact import CONTAINERS, Artifact, compress, load, save

@@ -328,46 +328,6 @@ def _way(site, weight, bits, record, inputs, out_ndim) -> tuple[str, str, IntSit
     return INT8, "", factors
 
 
-def _measure(fn, params, args, int_model, capable, rounds) -> IntModel:
-    """``int_model`` with each group of int8-capable sites (``capable``: ``(row index, shape
-    key, dequantized way)``) on the way that makes the whole model faster: greedily, from all
-    dequantized, one group at a time switched to int8 and kept where the timed forward drops."""
-    # integer_run runs the model and imports this module's types, hence the late import.
-    from mixjax.export.integer_run import time_models
-
-    groups: dict[Any, list[tuple[int, str]]] = {}
-    for i, key, dequantized in capable:
-        groups.setdefault(key, []).append((i, dequantized))
-    notes: dict[Any, str] = {}
-
-    def with_int8(chosen, reasons=False):  # reasons at the end: another table recompiles
-        rows = list(int_model.table)
-        for key, members in groups.items():
-            for i, dequantized in members:
-                way = INT8 if key in chosen else dequantized
-                rows[i] = rows[i]._replace(way=way, why=notes[key] if reasons else "")
-        return int_model._replace(table=tuple(rows))
-
-    chosen: set = set()
-    for key in groups:
-        without, with_ = time_models(
-            fn, params, args, [with_int8(chosen), with_int8({*chosen, key})], rounds
-        )
-        if with_ < without:
-            chosen.add(key)
-        notes[key] = (
-            f"measured: model {1e3 * with_:.3f} ms with int8 here, {1e3 * without:.3f} ms without"
-        )
-    measured = with_int8(chosen, reasons=True)
-    plain = {
-        measured.table[i].site: IntSite(int_model.sites[measured.table[i].site].inputs, None, None)
-        for members in groups.values()
-        for i, _ in members
-        if measured.table[i].way != INT8
-    }
-    return measured._replace(sites={**int_model.sites, **plain})
-
-
 def _group_label(weight: IntWeight) -> str:
     """``" g32"`` for scales in groups of 32 along an axis, ``""`` otherwise."""
     shape = np.shape(weight.scale)
@@ -389,15 +349,10 @@ def integer_model(
     """Prepares integer inference of ``fn`` from an artifact (module docstring).
 
     Where a site can run int8 x int8 -> int32, ``kernels`` chooses between that and its
-    integer weights dequantized into the site's float op (the input fake-quantized alike):
-    both equal the fake-quant forward up to float32 rounding, and neither changes the
-    artifact. ``"measure"`` times the whole model (:func:`integer_apply`, jitted, on random
-    inputs of the shapes of ``args``: give an example of the batch size you will run): from
-    every such site dequantized, each group of sites of the same shapes and dimension numbers
-    is switched to int8 in turn and kept so where the model runs faster; the table's ``why``
-    gives both times. (XLA:CPU's int8 convolutions mostly lose to its float ones while some
-    int8 matmuls win, by margins that depend on the shapes and on what XLA fuses around them,
-    so a site timed alone mispredicts.)
+    integer weights dequantized into the site's float op: both equal the fake-quant forward up
+    to float32 rounding, neither changes the artifact. ``"measure"`` keeps int8 where it makes
+    the whole model faster, timed at the shapes of ``args`` (:mod:`mixjax.export.integer_choice`:
+    give an example of the batch size you will run); the table's ``why`` gives the times.
 
     Args:
       fn: the model, ``fn(params, *args)``, e.g. ``lambda p, x: module.apply({"params": p}, x)``
@@ -415,9 +370,9 @@ def integer_model(
 
     Raises:
       ValueError: an unknown ``kernels``, ``rounds < 1``; activation bits above 8; ``act``
-        without ``act_state``; an observer that has
-        seen nothing (run calibration first); observers of sites the model does not have; a
-        damaged artifact record (the message names the leaf); a model that rejects ``args``.
+        without ``act_state``; an observer that has seen nothing (run calibration first);
+        observers of sites the model does not have; a damaged artifact record (the message
+        names the leaf); a model that rejects ``args``.
     """
     if kernels not in KERNELS:
         raise ValueError(f"{_PREPARE}: kernels must be one of {KERNELS}, got {kernels!r}")
@@ -491,5 +446,8 @@ def integer_model(
         weights, sites, None if output is None else _input_quant(act, output), tuple(rows)
     )
     if capable:
-        int_model = _measure(fn, params, args, int_model, capable, rounds)
+        # integer_choice runs the model and imports this module's types: a late import.
+        from mixjax.export.integer_choice import measure
+
+        int_model = measure(fn, params, args, int_model, capable, rounds)
     return int_model

@@ -9,13 +9,11 @@ codes, and every other equation as the model wrote it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mixjax import _intercept
 from mixjax.export.integer import (
@@ -29,7 +27,7 @@ from mixjax.export.integer import (
 from mixjax.quant import activations, grids
 from mixjax.quant.grids import Grid, quantize, quantize_dequantize
 
-__all__ = ["integer_apply", "time_models"]
+__all__ = ["integer_apply"]
 
 _APPLY = "mixjax.export.integer_apply"
 
@@ -157,38 +155,6 @@ def _site_call(
         return _lookup(site, weight, invals[1])
     invals[site.weight] = site.chain.replay(_dequantized(weight, invals[site.weight].dtype))
     return _intercept.bind(site.eqn, invals)
-
-
-def _random_like(x: Any, key: jax.Array) -> jax.Array:
-    shape, dtype = jnp.shape(x), jnp.result_type(x)
-    if jnp.issubdtype(dtype, jnp.floating):
-        return jax.random.normal(key, shape, dtype)
-    return jnp.zeros(shape, dtype)  # indices: row 0 is always in range
-
-
-def time_models(
-    fn: Callable[..., Any], params: Any, args: tuple, int_models: list[IntModel], rounds: int
-) -> list[float]:
-    """Median seconds of :func:`integer_apply` (jitted) per model of ``int_models`` on random
-    inputs shaped like ``args`` (normal floats, zero integers): each warmed up, then
-    ``rounds`` rounds, the models interleaved in alternating order so that a noisy machine
-    slows all alike."""
-    leaves, treedef = jax.tree.flatten(args)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    inputs = jax.tree.unflatten(
-        treedef, [_random_like(x, k) for x, k in zip(leaves, keys, strict=True)]
-    )
-    run = jax.jit(lambda m, p, a: integer_apply(m, fn, p, *a))
-    for m in int_models:
-        jax.block_until_ready(run(m, params, inputs))
-    times: list[list[float]] = [[] for _ in int_models]
-    order = list(range(len(int_models)))
-    for r in range(rounds):
-        for i in order if r % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            jax.block_until_ready(run(int_models[i], params, inputs))
-            times[i].append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
 
 
 def integer_apply(int_model: IntModel, fn: Callable[..., Any], params: Any, *args: Any) -> Any:
