@@ -92,7 +92,7 @@ def test_run_writes_report_artifact_plots_and_checkpoints(full_run, capsys):
     assert {len(h) for h in report["history"].values()} == {300, 100}
     assert report["config"] == config_lib.as_dict(
         config_lib.override(
-            config_lib.Config(),
+            config_lib.defaults("image", "lenet300100"),
             {
                 "train.steps": 300,
                 "compress.prune_steps": 100,
@@ -172,6 +172,9 @@ def test_help_documents_every_option_with_its_default(capsys):
             if lm is None or key == "data.task"
             else f"{field.default}; --task lm: {lm}"
         )
+        for model, recipe in config_lib.MODEL_DEFAULTS.items():
+            if key in recipe:
+                default += f"; --model {model}: {recipe[key]}"
         assert f"(default: {default}; TOML: {key})" in text, key
     for flag in ("--config", "--resume", "--stop-after", "--quiet"):
         assert flag in text

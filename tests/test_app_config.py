@@ -359,6 +359,28 @@ def test_load_starts_from_the_defaults_of_the_task_of_the_options_or_the_file(tm
         config_lib.load(path, {})
 
 
+def test_a_model_named_by_the_options_or_the_file_brings_its_recipe(tmp_path):
+    recipe = config_lib.MODEL_DEFAULTS["lenet300100"]
+    mlp = config_lib.load(None, {"train.model": "lenet300100"})
+    assert mlp == override(Config(), {"train.model": "lenet300100", **recipe})
+    assert (mlp.train.lr, mlp.data.translate, mlp.data.degrees) == (1e-3, 0.07, 5.0)
+    assert config_lib.defaults("image", "lenet300100") == mlp
+    # The file and the options still win over the recipe; other models keep the task's.
+    path = tmp_path / "mlp.toml"
+    path.write_text('[train]\nmodel = "lenet300100"\nlr = 2e-3\n')
+    from_file = config_lib.load(path, {"data.degrees": 0.0})
+    assert (from_file.train.lr, from_file.data.translate, from_file.data.degrees) == (
+        2e-3,
+        0.07,
+        0.0,
+    )
+    lenet5 = config_lib.load(path, {"train.model": "lenet5"})  # the file's lr, no recipe
+    assert (lenet5.train.lr, lenet5.data.translate) == (2e-3, Config().data.translate)
+    path.write_text("[train]\nmodel = 5\n")
+    with pytest.raises(ValueError, match=r"train\.model must be a string, got 5"):
+        config_lib.load(path, {})
+
+
 def lm_config(**changes):
     return override(config_lib.defaults("lm"), {"data.dataset": "text:a.txt", **changes})
 

@@ -69,6 +69,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         default = field.default
         if key in config_lib.LM_DEFAULTS and key != "data.task":
             default = f"{default}; --task lm: {config_lib.LM_DEFAULTS[key]}"
+        for model, recipe in config_lib.MODEL_DEFAULTS.items():
+            if key in recipe:
+                default = f"{default}; --model {model}: {recipe[key]}"
         groups[section].add_argument(
             field.metadata["flag"],
             dest=key.replace(".", "__"),

@@ -35,6 +35,7 @@ from mixjax.app.settings import (
     COMPENSATIONS,
     IMAGE_ONLY,
     LM_DEFAULTS,
+    MODEL_DEFAULTS,
     Compress,
     Config,
     Data,
@@ -60,6 +61,7 @@ __all__ = [
     "IMAGE_ONLY",
     "LM_DEFAULTS",
     "MAX_SEED",
+    "MODEL_DEFAULTS",
     "MAX_TAU",
     "Compress",
     "Config",
@@ -153,22 +155,25 @@ def load_toml(path: str | os.PathLike, config: Config | None = None) -> Config:
     return _over(Config() if config is None else config, _read_toml(path), path)
 
 
-def defaults(task: str = "image") -> Config:
+def defaults(task: str = "image", model: str | None = None) -> Config:
     """The defaults of a task: the dataclass defaults for ``"image"``, with
-    :data:`LM_DEFAULTS` for ``"lm"``.
+    :data:`LM_DEFAULTS` for ``"lm"``; then ``model``'s recipe (:data:`MODEL_DEFAULTS`) with
+    ``train.model = model`` (``None``: the task's default model and its recipe).
 
     Raises:
       ValueError: an unknown task.
     """
     _check(task in models.TASKS, "data.task", f"one of {models.TASKS}", task)
-    return Config() if task == "image" else override(Config(), LM_DEFAULTS)
+    config = Config() if task == "image" else override(Config(), LM_DEFAULTS)
+    model = config.train.model if model is None else model
+    return override(config, {"train.model": model, **MODEL_DEFAULTS.get(model, {})})
 
 
 def load(path: str | os.PathLike | None, changes: Mapping[str, Any]) -> Config:
-    """A run's configuration (not validated): the :func:`defaults` of its task, then the TOML
-    file at ``path`` (if not ``None``), then ``changes`` (``{"section.field": value}``, the
-    command-line options). The task is ``changes``' ``"data.task"``, else the file's, else
-    ``"image"``.
+    """A run's configuration (not validated): the :func:`defaults` of its task and model, then
+    the TOML file at ``path`` (if not ``None``), then ``changes`` (``{"section.field": value}``,
+    the command-line options). The task (and the model) is ``changes``' ``"data.task"``
+    (``"train.model"``), else the file's, else the default.
 
     Raises:
       FileNotFoundError / ValueError: as :func:`load_toml` and :func:`override`; an unknown
@@ -177,7 +182,9 @@ def load(path: str | os.PathLike | None, changes: Mapping[str, Any]) -> Config:
     path = None if path is None else os.fspath(path)
     table = {} if path is None else _read_toml(path)
     task = changes.get("data.task", table.get("data.task", "image"))
-    config = defaults(_check_type("data.task", task, "str"))
+    model = changes.get("train.model", table.get("train.model"))
+    model = None if model is None else _check_type("train.model", model, "str")
+    config = defaults(_check_type("data.task", task, "str"), model)
     return override(config if path is None else _over(config, table, path), changes)
 
 
