@@ -131,7 +131,7 @@ def test_resume_with_another_configuration_is_refused_listing_the_keys(stopped_r
         ["run", "--output", str(stopped_run), *QUICK, "--resume", "--seed", "1", "--lr", "0.01"],
         "holds a run with another configuration",
         "run.seed: 0 in the run, 1 now",
-        "train.lr: 0.003 in the run, 0.01 now",
+        "train.lr: 0.001 in the run, 0.01 now",  # lenet300100's recipe (MODEL_DEFAULTS)
     )
     assert "--overwrite" in line
     with open(stopped_run / rundir.RUN_FILE) as f:
