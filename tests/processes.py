@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
 DISTRIBUTED_ENV = ("MIXJAX_COORDINATOR", "MIXJAX_NUM_PROCESSES", "MIXJAX_PROCESS_ID")
 
 
@@ -20,10 +21,12 @@ def free_port() -> int:
 
 
 def worker_env(coordinator: str | None, num: int = 1, pid: int = 0) -> dict:
-    """The environment of process ``pid`` of ``num`` on CPU; without a coordinator, a
-    single-process run (the distributed variables removed)."""
+    """The environment of process ``pid`` of ``num`` on CPU, with the tests' directory on the
+    path; without a coordinator, a single-process run (the distributed variables removed)."""
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
     env["JAX_PLATFORMS"] = "cpu"
+    # The workers import the tests' helpers (replica_setup) as the tests do.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS, env.get("PYTHONPATH")]))
     if coordinator is not None:
         env.update(
             MIXJAX_COORDINATOR=coordinator,

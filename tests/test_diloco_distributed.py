@@ -21,19 +21,14 @@ PROGRAM = textwrap.dedent(
     from mixjax import parallel
     if distributed:
         parallel.initialize(timeout_s=60, heartbeat_timeout_s=10)
-    import flax.linen as nn
+    import replica_setup
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
     from mixjax import delay, train
 
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(4)(nn.relu(nn.Dense(16)(x.reshape((x.shape[0], -1)))))
-
-    module = MLP()
+    module = replica_setup.MLP()
     params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))["params"]
     tx = delay.diloco(
         optax.adam(1e-2), sync_every=2, fragments=2, outer_delay=1, compensation="dc",

@@ -19,7 +19,7 @@ from mixjax import parallel
 # Shared by the workers and the single-process reference (exec'd in both).
 SETUP = textwrap.dedent(
     """
-    import flax.linen as nn
+    import replica_setup
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -27,12 +27,7 @@ SETUP = textwrap.dedent(
     import mixjax
     from mixjax import prune, quant, train
 
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(4)(nn.relu(nn.Dense(16)(x.reshape((x.shape[0], -1)))))
-
-    module = MLP()
+    module = replica_setup.MLP()
     # jitted: one compile instead of one per eager op, in every process
     params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))["params"]
     transform = mixjax.chain(prune.magnitude(0.5), quant.fake_quant(8))
