@@ -26,6 +26,11 @@ follow attention and conv kernels. Variants, all jitted with donated state:
 Goal (the issue): ``full`` <= 1.15x ``plain`` on ViT-tiny and ResNet-20; the table and the JSON
 state it for every model.
 
+Millisecond accounting (issue 16), per model: each component's milliseconds over the wrapper,
+the stack's, and the interaction remainder (the stack less its components), each beside its
+*floor*: the same work hand-written into the plain step (:mod:`step_floor`), timed in the same
+interleaved rounds; ``full / floor full`` is how close the stack is to its limit.
+
 (b) Steps per call. LeNet-300-100, ``steps_per_call=10`` against 1 for the identity and the full
 stack, fed host NumPy batches as :mod:`mixjax.data` yields them (``stacked_batches`` for K = 10).
 
@@ -44,6 +49,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -55,6 +61,9 @@ import optax
 
 import mixjax
 from mixjax import augment, data, delay, models, prune, quant, share, train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_floor  # noqa: E402
 
 BLOCK = 10  # steps per timed block; pruning masks update once per block
 CLASSES = 10
@@ -237,7 +246,26 @@ def overhead(name, rounds):
     for variant, config in configs.items():
         step, state = mixjax_variant(model, config)
         variants[variant] = (step, state, batches)
+    masks = configs["prune"]["transform"].init(model.params).masks
+    for name in ("plain", *step_floor.PARTS, "full"):
+        parts = {"plain": (), "full": step_floor.PARTS}.get(name, (name,))
+        params = jax.tree.map(jnp.copy, model.params)  # each floor donates its own
+        step = step_floor.floor_step(
+            model,
+            tx,
+            masks,
+            parts,
+            every=BLOCK,
+            num_classes=CLASSES,
+            augment=configs["augment"]["augment"] if "augment" in parts else None,
+        )
+        floor_state = step_floor.floor_state(params, masks, parts)
+        model_state = jax.tree.map(jnp.copy, model.model_state)
+        carry = (params, model_state, tx.init(params), floor_state)
+        variants[f"floor {name}"] = (step, carry, batches)
     step_ms, cpu_ms, carries = time_variants(variants, rounds)
+    floor_ms = {v.split()[1]: step_ms.pop(v) for v in list(step_ms) if v.startswith("floor ")}
+    cpu_ms = {v: ms for v, ms in cpu_ms.items() if not v.startswith("floor ")}
     ratio = {v: step_ms[v] / step_ms["plain"] for v in step_ms if v != "plain"}
     masks = carries["full"].transform_state[0].masks  # the chain's first transform: pruning
     return {
@@ -250,6 +278,7 @@ def overhead(name, rounds):
         "cpu_ratio": {v: cpu_ms[v] / cpu_ms["plain"] for v in cpu_ms if v != "plain"},
         "goal": {"full_ratio_at_most": GOAL, "met": ratio["full"] <= GOAL},
         "sparsity_after": prune.summary(masks).sparsity,
+        "accounting": step_floor.accounting(step_ms, floor_ms),
     }
 
 
@@ -343,6 +372,7 @@ def main() -> None:
     # Slow models get fewer rounds, but never more than asked for.
     rows = [overhead(n, max(rounds // BENCHES[n].rounds_divisor, min(rounds, 4))) for n in names]
     print_overhead(rows)
+    step_floor.print_accounting(rows)
     k_rows = [steps_per_call(b, rounds) for b in k_batches]
     if k_rows:
         print_steps_per_call(k_rows)
